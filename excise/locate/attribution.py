@@ -1,0 +1,165 @@
+"""The Attribution: scores over sites, with the method, metric and data that produced them.
+
+Every locate method returns one. Scores follow one sign convention across methods: a score is the (estimated or
+measured) *drop* in the metric when the site is ablated, so a positive score means the site supports the metric.
+With per-set scores, the ranking score is usually the selectivity ``forget - retain``: a site that matters for
+every fact is a bad target for removing one domain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from excise.sites import SITE_KINDS, Site, SiteKind
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+    """Scores per hook over one kind of site.
+
+    Attributes:
+        method: Name of the locate method, e.g. ``"attribution_patching"``.
+        metric: What the scores measure, e.g. ``"target_logprob"``.
+        kind: Kind of site every score addresses.
+        scores: Ranking score per hook, a 1-D tensor over that hook's components (``d_mlp`` neurons, ``n_heads``
+            heads, ``d_sae`` features or positions). Positive means ablating the site lowers the metric.
+        set_scores: Optional scores per fact set (``"forget"``, ``"retain"``, ``"neighbour"``), same layout.
+        settings: Method settings and data sizes, kept for the report (JSON-serialisable values only).
+        sae_id: SAE name for ``sae_feature`` sites.
+    """
+
+    method: str
+    metric: str
+    kind: SiteKind
+    scores: dict[str, Float[Tensor, " component"]]
+    set_scores: dict[str, dict[str, Float[Tensor, " component"]]] = dataclasses.field(default_factory=dict)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sae_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"Attribution.kind must be one of {SITE_KINDS}, got {self.kind!r}")
+        if not self.scores:
+            raise ValueError("an Attribution needs scores for at least one hook")
+        for hook, values in self.scores.items():
+            if values.ndim != 1:
+                raise ValueError(f"scores for {hook!r} must be 1-D over components, got shape {tuple(values.shape)}")
+        for which, per_hook in self.set_scores.items():
+            if set(per_hook) != set(self.scores):
+                raise ValueError(f"set_scores[{which!r}] must cover the same hooks as scores")
+
+    @property
+    def n_sites(self) -> int:
+        return sum(values.numel() for values in self.scores.values())
+
+    def sites(self) -> list[Site]:
+        """All sites in hook order, then component order."""
+        return [
+            Site(hook, index, self.kind, self.sae_id)
+            for hook, values in self.scores.items()
+            for index in range(len(values))
+        ]
+
+    def flat_scores(self, which: str | None = None) -> Float[Tensor, " site"]:
+        """All ranking scores (or one set's scores) concatenated in the order of :meth:`sites`."""
+        source = self.scores if which is None else self._set(which)
+        return torch.cat([values.detach().float().cpu() for values in source.values()])
+
+    def top(self, k: int, *, by: str | None = None, largest: bool = True) -> list[Site]:
+        """Return the ``k`` sites with the highest score (or lowest, with ``largest=False``).
+
+        Args:
+            k: Number of sites; at most :attr:`n_sites`.
+            by: A fact set name to rank by that set's scores instead of the ranking score.
+            largest: Rank from the highest score down.
+        """
+        if not 0 <= k <= self.n_sites:
+            raise ValueError(f"k must be between 0 and the number of sites ({self.n_sites}), got {k}")
+        flat = self.flat_scores(by)
+        order = torch.topk(flat, k, largest=largest).indices.tolist()
+        sites = self.sites()
+        return [sites[i] for i in order]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per site: ``hook``, ``layer``, ``index``, ``label``, ``score`` and a column per fact set."""
+        sites = self.sites()
+        frame = pd.DataFrame(
+            {
+                "hook": [site.hook for site in sites],
+                "layer": [site.layer for site in sites],
+                "index": [site.index for site in sites],
+                "label": [site.label() for site in sites],
+                "score": self.flat_scores().numpy(),
+            }
+        )
+        for which in self.set_scores:
+            frame[which] = self.flat_scores(which).numpy()
+        return frame
+
+    def layer_totals(self, which: str | None = None, *, absolute: bool = False) -> pd.Series:
+        """Sum of scores per layer (of absolute scores with ``absolute=True``)."""
+        frame = self.to_frame()
+        column = "score" if which is None else which
+        values = frame[column].abs() if absolute else frame[column]
+        return values.groupby(frame["layer"]).sum()
+
+    def plot(self, which: str | None = None) -> go.Figure:
+        """Per-layer bar chart of scores; see :mod:`excise.plots` for more figures."""
+        from excise.plots.attribution import plot_layer_totals
+
+        return plot_layer_totals(self, which)
+
+    def save(self, path: str | Path) -> None:
+        """Save as ``scores.safetensors`` plus ``attribution.json`` in folder ``path``."""
+        from excise.io import atomic_folder
+
+        tensors = {f"score/{hook}": values.detach().cpu().contiguous() for hook, values in self.scores.items()}
+        for which, per_hook in self.set_scores.items():
+            tensors.update({f"{which}/{hook}": v.detach().cpu().contiguous() for hook, v in per_hook.items()})
+        meta = {
+            "method": self.method,
+            "metric": self.metric,
+            "kind": self.kind,
+            "sae_id": self.sae_id,
+            "hooks": list(self.scores),
+            "sets": list(self.set_scores),
+            "settings": self.settings,
+        }
+        with atomic_folder(Path(path)) as folder:
+            save_file(tensors, str(folder / "scores.safetensors"))
+            (folder / "attribution.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        folder = Path(path)
+        meta_path = folder / "attribution.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no attribution.json in {folder}; pass a folder written by Attribution.save")
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(folder / "scores.safetensors"))
+        return cls(
+            method=meta["method"],
+            metric=meta["metric"],
+            kind=meta["kind"],
+            scores={hook: tensors[f"score/{hook}"] for hook in meta["hooks"]},
+            set_scores={which: {hook: tensors[f"{which}/{hook}"] for hook in meta["hooks"]} for which in meta["sets"]},
+            settings=meta["settings"],
+            sae_id=meta["sae_id"],
+        )
+
+    def _set(self, which: str) -> dict[str, Tensor]:
+        if which not in self.set_scores:
+            raise KeyError(f"no scores for set {which!r}; this attribution has {sorted(self.set_scores)}")
+        return self.set_scores[which]
