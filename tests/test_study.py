@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from excise.data.jsonl import save_domain_file
+from excise.edit import load_edit
+from excise.study import StudyConfig, run_study
+from excise.verify.relearn import RelearnSettings
+from tests.helpers import toy_domain, toy_model
+
+
+@pytest.fixture
+def domain_file(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    save_domain_file(toy_domain(), path)
+    return path
+
+
+def _config(domain_file, output, **overrides):
+    settings = dict(
+        domain=str(domain_file),
+        output=output,
+        k=8,
+        known_only=False,
+        relearn=RelearnSettings(steps=2, eval_every=1),
+        sweep=(2, 8),
+        batch_size=8,
+    )
+    settings.update(overrides)
+    return StudyConfig(**settings)
+
+
+def test_study_writes_report_folder(tmp_path, domain_file):
+    model = toy_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = run_study(_config(domain_file, tmp_path / "out"), model=model)
+
+    folder = tmp_path / "out"
+    assert {p.name for p in folder.iterdir()} == {"report.json", "report.html", "edit", "scores", "scores.csv"}
+    data = json.loads((folder / "report.json").read_text())
+    for state in ("before", "after"):
+        for which in ("forget", "neighbour", "retain"):
+            entry = data["metrics"][state][which]
+            assert 0.0 <= entry["accuracy"] <= 1.0
+            assert entry["n"] >= 1
+    curves = data["attacks"]["relearn"]["curves"]
+    assert set(curves) == {"edited", "original"}
+    assert curves["edited"]["steps"] == [0, 1, 2]
+    assert set(data["timings"]) >= {"load", "locate", "edit", "verify", "relearn"}
+    assert data["extra"]["sweep"]["k"] == [2, 8]
+    assert report.edit["k"] == 8
+    assert "<script" in (folder / "report.html").read_text()
+
+    edit = load_edit(folder / "edit")
+    assert len(edit.describe()) == 8
+    for name, tensor in model.state_dict().items():
+        assert (tensor == before[name]).all(), f"{name} changed"
+
+
+def test_study_rejects_nonempty_output(tmp_path, domain_file):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_study(_config(domain_file, output), model=toy_model())
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+def test_study_rejects_k_too_large(tmp_path, domain_file):
+    with pytest.raises(ValueError, match="k=1000 is larger"):
+        run_study(_config(domain_file, tmp_path / "out", k=1000), model=toy_model())
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_known_only_needs_known_facts(tmp_path, domain_file):
+    with pytest.raises(ValueError, match="known forget facts"):
+        run_study(_config(domain_file, tmp_path / "out", known_only=True), model=toy_model())
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_config_checks():
+    with pytest.raises(ValueError, match="kind"):
+        StudyConfig(kind="layer")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        StudyConfig(k=0)
