@@ -133,8 +133,9 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
     if config.quick:
         domain = domain.limit(QUICK_LIMITS["forget"], QUICK_LIMITS["neighbour"], QUICK_LIMITS["retain"])
 
-    with _timed(timings, "select_facts"):
-        domain, coverage = _known_subset(model, domain, config) if config.known_only else (domain, {})
+    with _timed(timings, "score_before"):
+        all_scores = _score_all(model, domain, config)
+        domain, coverage = _known_subset(domain, all_scores) if config.known_only else (domain, {})
     locate_domain, eval_domain = _split_domain(domain, config.seed)
     logger.info("locating on %r, measuring on %r", locate_domain, eval_domain)
 
@@ -148,7 +149,7 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
         edited = edit.apply(model)
 
     with _timed(timings, "verify"):
-        before = _score_sets(model, eval_domain, config.batch_size, "before")
+        before = _restrict(all_scores, eval_domain)
         after = _score_sets(edited, eval_domain, config.batch_size, "after")
         locate_after = _score_sets(edited, locate_domain, config.batch_size, "after, locate split")
         sweep = _sweep(model, attribution, eval_domain, config)
@@ -216,16 +217,20 @@ def _check_k(model: HookedTransformer, config: StudyConfig) -> None:
         )
 
 
-def _known_subset(model: HookedTransformer, domain: Domain, config: StudyConfig) -> tuple[Domain, dict[str, Any]]:
-    known: list[str] = []
-    coverage: dict[str, Any] = {}
-    for which in FACT_SETS:
-        facts = domain.facts(which)
-        if not facts:
-            continue
-        scores = score_facts(model, facts, batch_size=config.batch_size, description=f"finding known {which} facts")
-        known.extend(scores.known_ids())
-        coverage[which] = {"known": len(scores.known_ids()), "total": len(facts), "accuracy": scores.accuracy}
+def _score_all(model: HookedTransformer, domain: Domain, config: StudyConfig) -> dict[str, FactScores]:
+    return {
+        which: score_facts(model, facts, batch_size=config.batch_size, description=f"scoring {which} facts (before)")
+        for which in FACT_SETS
+        if (facts := domain.facts(which))
+    }
+
+
+def _known_subset(domain: Domain, scores: dict[str, FactScores]) -> tuple[Domain, dict[str, Any]]:
+    known = [fact_id for per_set in scores.values() for fact_id in per_set.known_ids()]
+    coverage = {
+        which: {"known": len(per_set.known_ids()), "total": len(per_set.table), "accuracy": per_set.accuracy}
+        for which, per_set in scores.items()
+    }
     subset = domain.subset(known)
     if len(subset.forget) < 4:
         raise ValueError(
@@ -233,6 +238,16 @@ def _known_subset(model: HookedTransformer, domain: Domain, config: StudyConfig)
             "needs at least 4 known forget facts (pass known_only=False to use all facts)"
         )
     return subset, coverage
+
+
+def _restrict(scores: dict[str, FactScores], domain: Domain) -> dict[str, FactScores]:
+    """The rows of ``scores`` for the facts of ``domain``, per set."""
+    restricted = {}
+    for which, per_set in scores.items():
+        ids = {fact.id for fact in domain.facts(which)}  # type: ignore[arg-type]
+        if ids:
+            restricted[which] = FactScores(per_set.table[per_set.table["id"].isin(ids)].reset_index(drop=True))
+    return restricted
 
 
 def _split_domain(domain: Domain, seed: int) -> tuple[Domain, Domain]:
@@ -254,10 +269,11 @@ def _score_sets(model: HookedTransformer, domain: Domain, batch_size: int, label
 
 def _sweep(model: HookedTransformer, attribution: Any, domain: Domain, config: StudyConfig) -> dict[str, Any]:
     """Accuracy per set for several k, with the ablation run as hooks on the original model."""
-    values = config.sweep or tuple(
-        sorted({max(1, config.k // 8), max(1, config.k // 4), config.k // 2 or 1, config.k, 2 * config.k, 4 * config.k})
-    )
-    values = tuple(k for k in values if k <= attribution.n_sites)
+    if config.quick:
+        default = (config.k // 4, config.k, 4 * config.k)
+    else:
+        default = (config.k // 8, config.k // 4, config.k // 2, config.k, 2 * config.k, 4 * config.k)
+    values = tuple(sorted({k for k in (config.sweep or default) if 1 <= k <= attribution.n_sites}))
     accuracy: dict[str, list[float]] = {which: [] for which in FACT_SETS if domain.facts(which)}
     reference = [f.prompt for f in domain.retain] if config.ablation == "mean" else []
     for k in values:

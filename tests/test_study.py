@@ -46,7 +46,7 @@ def test_study_writes_report_folder(tmp_path, domain_file):
     curves = data["attacks"]["relearn"]["curves"]
     assert set(curves) == {"edited", "original"}
     assert curves["edited"]["steps"] == [0, 1, 2]
-    assert set(data["timings"]) >= {"load", "locate", "edit", "verify", "relearn"}
+    assert set(data["timings"]) >= {"load", "score_before", "locate", "edit", "verify", "relearn"}
     assert data["extra"]["sweep"]["k"] == [2, 8]
     assert report.edit["k"] == 8
     assert "<script" in (folder / "report.html").read_text()

@@ -1,4 +1,7 @@
-"""Figures of a Report: accuracy before and after per fact set, relearning curves, the trade-off over k."""
+"""Figures of a Report: accuracy before and after per fact set, relearning curves, the trade-off over k.
+
+The deep-forgetting suite's figures live in :mod:`excise.plots.verify` and are appended by :func:`report_figures`.
+"""
 
 from __future__ import annotations
 
@@ -99,4 +102,6 @@ def report_figures(report: Report) -> list[go.Figure]:
         plot_tradeoff(report),
         plot_relearning(report),
     ]
-    return [figure for figure in candidates if figure is not None]
+    from excise.plots.verify import verify_figures
+
+    return [figure for figure in candidates if figure is not None] + verify_figures(report)

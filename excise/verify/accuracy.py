@@ -41,16 +41,16 @@ class FactScores:
     @property
     def accuracy(self) -> float:
         """Fraction of facts whose target ranks first; NaN for an empty set."""
-        return float(self.table["correct"].mean()) if len(self.table) else float("nan")
+        return float(np.mean(self.table["correct"].to_numpy(dtype=float))) if len(self.table) else float("nan")
 
     @property
     def chance(self) -> float:
         """Accuracy of uniform guessing, averaged over facts."""
-        return float((1.0 / self.table["n_choices"]).mean()) if len(self.table) else float("nan")
+        return float(np.mean(1.0 / self.table["n_choices"].to_numpy(dtype=float))) if len(self.table) else float("nan")
 
     @property
     def mean_target_logprob(self) -> float:
-        return float(self.table["target_logprob"].mean()) if len(self.table) else float("nan")
+        return float(np.mean(self.table["target_logprob"].to_numpy(dtype=float))) if len(self.table) else float("nan")
 
     def known_ids(self) -> list[str]:
         """Ids of the facts whose target ranks first."""
@@ -62,7 +62,7 @@ class FactScores:
             "accuracy": self.accuracy,
             "chance": self.chance,
             "mean_target_logprob": self.mean_target_logprob,
-            "mean_rank": float(self.table["rank"].mean()) if len(self.table) else float("nan"),
+            "mean_rank": float(np.mean(self.table["rank"].to_numpy(dtype=float))) if len(self.table) else float("nan"),
             "n": len(self.table),
         }
 

@@ -1,0 +1,152 @@
+"""Benchmark the deep-forgetting suite on the default model and the bundled chemistry domain.
+
+The edit is a zero ablation of the top ``k`` MLP neurons by attribution patching (forget minus retain), located
+on one half of the facts the model knows; the suite runs on the other half, so no measured fact was used to find
+the neurons. Each budget's wall time per check and its attack summary are written as Markdown.
+
+Usage::
+
+    python bench/bench_verify.py --budget quick --output docs/benchmarks-verify.md
+    python bench/bench_verify.py --budget quick default
+
+Targets on 2 CPU cores: ``quick`` under 3 minutes, ``default`` under 20 minutes (suite only, without loading and
+locating).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from excise.data.facts import FACT_SETS, split_facts
+from excise.edit.ablation import ablate
+from excise.locate.attribution_patching import attribution_patching
+from excise.verify.accuracy import score_facts
+from excise.verify.suite import budget_settings, run_suite
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", nargs="+", choices=["quick", "default"], default=["quick"])
+    parser.add_argument("--k", type=int, default=300, help="neurons to ablate (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=160, help="facts per set before selecting known facts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-verify.md"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from excise.data.bundled import bundled_domain
+    from excise.models import load
+
+    lines = [_header(args)]
+    start = time.perf_counter()
+    model = load()
+    load_seconds = time.perf_counter() - start
+    domain = bundled_domain("chemistry").limit(args.limit, args.limit, args.limit)
+    start = time.perf_counter()
+    known = [
+        f.id for which in FACT_SETS for f in score_facts(model, domain.facts(which)).table.itertuples() if f.correct
+    ]
+    domain = domain.subset(known)
+    halves = {which: split_facts(domain.facts(which), 0.5, args.seed) for which in FACT_SETS}
+    locate_domain = dataclasses.replace(domain, **{which: halves[which][0] for which in FACT_SETS})
+    verify_domain = dataclasses.replace(domain, **{which: halves[which][1] for which in FACT_SETS})
+    attribution = attribution_patching(model, locate_domain, kind="neuron")
+    edit = ablate(model, attribution.top(args.k))
+    prepare_seconds = time.perf_counter() - start
+    lines.append(
+        f"Model loaded in {load_seconds:.0f} s; known facts selected, neurons located and edit built in "
+        f"{prepare_seconds:.0f} s. Verify domain: {verify_domain!r}.\n"
+    )
+    for budget in args.budget:
+        settings = budget_settings(budget, args.seed)
+        start = time.perf_counter()
+        result = run_suite(edit, verify_domain, original=model, budget=settings, seed=args.seed)
+        seconds = time.perf_counter() - start
+        lines.append(_section(budget, seconds, result))
+        print(f"{budget}: {seconds:.0f} s, worst-case recovery {_fmt(result.worst_recovery)}", flush=True)
+    organism = _organism_section(args)
+    if organism:
+        lines.append(organism)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _header(args: argparse.Namespace) -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (
+        "# Benchmark: deep-forgetting suite (excise.verify)\n\n"
+        f"Command: `{shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}`\n\n"
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average at start {load[0]:.1f}.\n\n"
+        f"Edit: zero ablation of the top {args.k} MLP neurons by attribution patching (forget - retain), "
+        "weights form.\n"
+    )
+
+
+def _section(budget: str, seconds: float, result) -> str:
+    frame = result.summary_frame()
+    columns = ["attack", "edited", "edited_attacked", "original_attacked", "chance", "recovery", "residual"]
+    table = ["| " + " | ".join([*columns, "steps_to_half"]) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in frame.itertuples():
+        cells = [str(row.attack)] + [_fmt(getattr(row, c)) for c in columns[1:]]
+        cells.append(
+            "" if row.steps_to_half is None or row.steps_to_half != row.steps_to_half else str(row.steps_to_half)
+        )
+        table.append("| " + " | ".join(cells) + " |")
+    timings = ", ".join(f"{check} {value:.0f} s" for check, value in result.timings.items())
+    behaviour = result.behaviour
+    extra = ""
+    if behaviour:
+        parts = []
+        for label, b in behaviour.items():
+            s = b.summary()
+            parts.append(
+                f"{label}: forget {s['forget']['accuracy']:.0%} (stated {s['forget']['generation_accuracy']:.0%}), "
+                f"neighbour {s['neighbour']['accuracy']:.0%}, retain {s['retain']['accuracy']:.0%}, "
+                f"perplexity {s['generic_text']['perplexity']:.1f}"
+            )
+        extra = "\nBehaviour: " + "; ".join(parts) + ".\n"
+    return (
+        f"\n## Budget `{budget}`: {seconds:.0f} s\n\nPer check: {timings}.\n{extra}\n"
+        f"Worst-case recovery {_fmt(result.worst_recovery)}, worst-case residual {_fmt(result.worst_residual)}.\n\n"
+        + "\n".join(table)
+        + "\n"
+    )
+
+
+def _organism_section(args: argparse.Namespace) -> str:
+    try:
+        from excise.models import organism  # type: ignore[attr-defined]
+    except ImportError:
+        return "\nThe model organism (excise.models.organism) is not available in this checkout; not run.\n"
+    # NOTE: written against the organism's planned API (a trained model, its twin and their domain); adjust the
+    # names when the organism module settles.
+    try:
+        original, twin, domain = organism.load_organism()  # type: ignore[attr-defined]
+    except AttributeError:
+        return "\nThe model organism exists but exposes no load_organism(); not run.\n"
+    attribution = attribution_patching(original, domain, kind="neuron")
+    edit = ablate(original, attribution.top(max(1, original.cfg.d_mlp * original.cfg.n_layers // 20)))
+    start = time.perf_counter()
+    result = run_suite(edit, domain, original=original, twin=twin, budget="quick", seed=args.seed)
+    return _section("quick (organism, with twin)", time.perf_counter() - start, result)
+
+
+def _fmt(value) -> str:
+    return "" if value is None or value != value else f"{value:.0%}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
