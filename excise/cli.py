@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from excise.verify.cli import add_verify_arguments, verify_command
 from excise.verify.relearn import RelearnSettings
 
 
@@ -44,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--relearn-steps", type=int, help="finetuning steps of the relearning attack")
     run.add_argument("--relearn-lr", type=float, help="Adam learning rate of the relearning attack")
+    run.add_argument(
+        "--suite",
+        choices=["none", "quick", "default"],
+        help="budget of the full verify suite after the edit (default: quick, or none with --quick)",
+    )
     run.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: %(default)s)")
+
+    verify = commands.add_parser("verify", help="check whether a saved edit's forgetting survives attacks")
+    add_verify_arguments(verify)
 
     known = commands.add_parser("known", help="record which facts of a domain a model ranks correctly")
     known.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: %(default)s)")
@@ -68,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "known":
             return _known(args)
+        if args.command == "verify":
+            return verify_command(args)
     except (ValueError, FileExistsError, FileNotFoundError, KeyError, TypeError) as error:
         print(f"excise: error: {error}", file=sys.stderr)
         return 2
@@ -99,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         quick=args.quick,
         known_only=not args.all_facts,
         relearn=relearn,
+        suite=args.suite,
         batch_size=args.batch_size,
     )
     report = run_study(config)

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 SiteKindOption = Literal["neuron", "head"]
 SITE_KIND_OPTIONS: tuple[SiteKindOption, ...] = get_args(SiteKindOption)
+SuiteOption = Literal["none", "quick", "default"]
+SUITE_OPTIONS: tuple[SuiteOption, ...] = get_args(SuiteOption)
 
 QUICK_LIMITS = {"forget": 80, "neighbour": 40, "retain": 80}
 
@@ -58,6 +60,9 @@ class StudyConfig:
         known_only: Keep only the facts the original model ranks correctly.
         relearn: The relearning attacker's budget; ``None`` picks the default (shorter with ``quick``).
         sweep: Values of k for the trade-off curve; ``None`` picks fractions and multiples of ``k``.
+        suite: Budget of the full verify suite (:func:`excise.verify.suite.run_suite`) run on the held-out facts
+            after the relearning attack, or ``"none"`` to skip it; ``None`` picks ``"none"`` with ``quick`` and
+            ``"quick"`` otherwise.
         batch_size: Sequences per forward pass.
     """
 
@@ -72,6 +77,7 @@ class StudyConfig:
     known_only: bool = True
     relearn: RelearnSettings | None = None
     sweep: tuple[int, ...] | None = None
+    suite: SuiteOption | None = None
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -83,6 +89,13 @@ class StudyConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.suite is not None and self.suite not in SUITE_OPTIONS:
+            raise ValueError(f"suite must be one of {SUITE_OPTIONS}, got {self.suite!r}")
+
+    def suite_budget(self) -> SuiteOption:
+        if self.suite is not None:
+            return self.suite
+        return "none" if self.quick else "quick"
 
     def relearn_settings(self) -> RelearnSettings:
         if self.relearn is not None:
@@ -203,6 +216,17 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
             "locate_split_after": {which: scores.summary() for which, scores in locate_after.items()},
         },
     )
+    if config.suite_budget() != "none" and len(eval_domain.forget) < 4:
+        logger.warning("skipping the verify suite: it needs at least 4 held-out forget facts")
+        report.extra["suite"] = {"skipped": "fewer than 4 held-out forget facts"}
+    elif config.suite_budget() != "none":
+        from excise.verify.suite import run_suite
+
+        with _timed(timings, "suite"):
+            result = run_suite(
+                edited, eval_domain, original=model, form="weights", budget=config.suite_budget(), seed=config.seed
+            )
+        report = result.to_report(report, model_name=report.model, domain_name=report.domain)
     _write_folder(output, report, attribution, edit)
     return report
 

@@ -82,7 +82,7 @@ def test_domain_rejects_duplicate_ids():
 def test_split_facts_disjoint_and_seeded():
     facts = toy_domain().forget
     first, second = split_facts(facts, 0.5, seed=3)
-    assert len(first) == 3
+    assert len(first) == 4
     assert {f.id for f in first}.isdisjoint({f.id for f in second})
     assert {f.id for f in first} | {f.id for f in second} == {f.id for f in facts}
     assert split_facts(facts, 0.5, seed=3) == (first, second)

@@ -24,6 +24,7 @@ def _config(domain_file, output, **overrides):
         known_only=False,
         relearn=RelearnSettings(steps=2, eval_every=1),
         sweep=(2, 8),
+        suite="none",
         batch_size=8,
     )
     settings.update(overrides)
@@ -83,3 +84,13 @@ def test_study_config_checks():
         StudyConfig(kind="layer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k must be >= 1"):
         StudyConfig(k=0)
+
+
+def test_study_with_verify_suite(tmp_path, domain_file):
+    report = run_study(_config(domain_file, tmp_path / "out", suite="quick"), model=toy_model())
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "suite" in data["timings"]
+    assert data["verify"], "the suite's results are missing from report.json"
+    assert "relearn" in data["attacks"]
+    assert len(data["attacks"]) > 1
+    assert set(report.verify) == set(data["verify"])
