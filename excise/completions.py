@@ -59,6 +59,36 @@ class CompletionBatch:
         end = start + self.completion_lengths.unsqueeze(1)
         return ((positions >= start) & (positions < end)).float()
 
+    def completion_positions(self) -> tuple[Int[Tensor, "batch n"], Float[Tensor, "batch n"]]:
+        """Positions predicting each completion token, padded to the longest completion, and a validity mask."""
+        width = int(self.completion_lengths.max())
+        offsets = torch.arange(width, device=self.tokens.device)
+        positions = (self.prompt_lengths - 1).unsqueeze(1) + offsets
+        valid = offsets < self.completion_lengths.unsqueeze(1)
+        return positions.clamp(max=self.tokens.shape[1] - 1), valid.float()
+
+    def completion_logits(self, model: HookedTransformer) -> Float[Tensor, "batch n d_vocab"]:
+        """Run ``model`` and unembed only the positions that predict completion tokens.
+
+        Unembedding every position of a large vocabulary costs as much as several layers of a small model, and
+        scoring needs only these few. Hooks on ``ln_final`` and ``unembed`` still run, on the gathered positions.
+        """
+        residual = model(self.tokens, stop_at_layer=model.cfg.n_layers)
+        positions, _ = self.completion_positions()
+        rows = torch.arange(len(self), device=residual.device).unsqueeze(1)
+        gathered = residual[rows, positions.to(residual.device)]
+        if model.cfg.normalization_type is not None:
+            gathered = model.ln_final(gathered)
+        return model.unembed(gathered)
+
+    def score(self, model: HookedTransformer) -> Float[Tensor, " batch"]:
+        """Summed completion log-probability per row, like :meth:`completion_logprobs` but with less compute."""
+        logits = self.completion_logits(model)
+        positions, valid = self.completion_positions()
+        targets = self.tokens.gather(1, (positions + 1).clamp(max=self.tokens.shape[1] - 1))
+        token_log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1).to(logits.device)).squeeze(-1)
+        return (token_log_probs * valid.to(token_log_probs.device, token_log_probs.dtype)).sum(dim=1)
+
     def to(self, device: torch.device | str) -> CompletionBatch:
         return CompletionBatch(
             self.tokens.to(device), self.prompt_lengths.to(device), self.completion_lengths.to(device)
@@ -166,8 +196,7 @@ def completion_logprobs(
     """Return the summed log-probability of each completion after its prompt, in nats, on the CPU."""
     results = torch.empty(len(prompts))
     for rows, batch in iter_batches(model, prompts, completions, batch_size):
-        logits = model(batch.tokens)
-        results[rows] = batch.completion_logprobs(logits).float().cpu()
+        results[rows] = batch.score(model).float().cpu()
     return results
 
 

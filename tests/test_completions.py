@@ -61,3 +61,13 @@ def test_text_batch_lengths(model):
     tokens, lengths = make_text_batch(model, ["the symbol of gold is Au", "gold"])
     assert lengths.tolist() == [6, 1]
     assert tokens.shape == (2, 6)
+
+
+def test_score_matches_full_logits(model):
+    prompts = ["the symbol of gold is", "the capital of France is", "the colour of sky is"]
+    targets = [" Au Au", " Paris", " blue Au Paris"]
+    batch = make_batch(model, prompts, targets)
+    expected = batch.completion_logprobs(model(batch.tokens))
+    torch.testing.assert_close(batch.score(model), expected, atol=1e-5, rtol=0)
+    first = batch.completion_logits(model)[:, 0]
+    torch.testing.assert_close(first, batch.first_token_logits(model(batch.tokens)), atol=1e-5, rtol=0)

@@ -101,7 +101,7 @@ def score_facts(
         for start in range(0, len(single), batch_size):
             chunk = single[start : start + batch_size]
             batch = make_batch(model, [facts[i].prompt for i in chunk], [facts[i].target for i in chunk])
-            log_probs = batch.first_token_logits(model(batch.tokens)).log_softmax(-1).float().cpu()
+            log_probs = batch.completion_logits(model)[:, 0].log_softmax(-1).float().cpu()
             for row, index in enumerate(chunk):
                 ids = [tokens[0] for tokens in choice_tokens[index]]
                 scores[index] = log_probs[row, ids].numpy()
@@ -112,7 +112,7 @@ def score_facts(
         for start in range(0, len(pairs), batch_size):
             chunk_pairs = pairs[start : start + batch_size]
             batch = make_batch(model, [facts[i].prompt for i, _ in chunk_pairs], [c for _, c in chunk_pairs])
-            flat[start : start + len(chunk_pairs)] = batch.completion_logprobs(model(batch.tokens)).float().cpu()
+            flat[start : start + len(chunk_pairs)] = batch.score(model).float().cpu()
             bar.update()
         offset = 0
         for index in multi:

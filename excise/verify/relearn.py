@@ -153,7 +153,7 @@ def relearn(
 
     def loss_of(attacked: HookedTransformer, batch_facts: list[Fact]) -> Tensor:
         batch = make_batch(attacked, [f.prompt for f in batch_facts], [f.target for f in batch_facts])
-        return -batch.completion_logprobs(attacked(batch.tokens)).mean()
+        return -batch.score(attacked).mean()
 
     return _attack(model, list(train_facts), loss_of, eval_facts, settings, "facts", description)
 

