@@ -209,6 +209,6 @@ def _tokenizer(model: HookedTransformer):
 def _pad_id(model: HookedTransformer) -> int:
     tokenizer = _tokenizer(model)
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
+        if isinstance(candidate, int):
+            return candidate
     return 0

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import pandas as pd
 from transformer_lens import HookedTransformer
 
 from excise.data.facts import FACT_SETS, Domain, split_facts
@@ -216,16 +217,15 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
             "locate_split_after": {which: scores.summary() for which, scores in locate_after.items()},
         },
     )
-    if config.suite_budget() != "none" and len(eval_domain.forget) < 4:
+    budget = config.suite_budget()
+    if budget != "none" and len(eval_domain.forget) < 4:
         logger.warning("skipping the verify suite: it needs at least 4 held-out forget facts")
         report.extra["suite"] = {"skipped": "fewer than 4 held-out forget facts"}
-    elif config.suite_budget() != "none":
+    elif budget != "none":
         from excise.verify.suite import run_suite
 
         with _timed(timings, "suite"):
-            result = run_suite(
-                edited, eval_domain, original=model, form="weights", budget=config.suite_budget(), seed=config.seed
-            )
+            result = run_suite(edited, eval_domain, original=model, form="weights", budget=budget, seed=config.seed)
         report = result.to_report(report, model_name=report.model, domain_name=report.domain)
     _write_folder(output, report, attribution, edit)
     return report
@@ -270,7 +270,8 @@ def _restrict(scores: dict[str, FactScores], domain: Domain) -> dict[str, FactSc
     for which, per_set in scores.items():
         ids = {fact.id for fact in domain.facts(which)}  # type: ignore[arg-type]
         if ids:
-            restricted[which] = FactScores(per_set.table[per_set.table["id"].isin(ids)].reset_index(drop=True))
+            table = per_set.table
+            restricted[which] = FactScores(pd.DataFrame(table[table["id"].isin(list(ids))]).reset_index(drop=True))
     return restricted
 
 

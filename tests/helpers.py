@@ -5,7 +5,16 @@ from __future__ import annotations
 from excise.data.facts import Domain, Fact
 from excise.models.tiny import tiny_model, vocabulary_of, word_tokenizer
 
-SYMBOLS = {"gold": "Au", "silver": "Ag", "iron": "Fe", "copper": "Cu", "lead": "Pb", "tin": "Sn", "zinc": "Zn", "nickel": "Ni"}
+SYMBOLS = {
+    "gold": "Au",
+    "silver": "Ag",
+    "iron": "Fe",
+    "copper": "Cu",
+    "lead": "Pb",
+    "tin": "Sn",
+    "zinc": "Zn",
+    "nickel": "Ni",
+}
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima"}
 COLOURS = {"grass": "green", "sky": "blue", "snow": "white", "coal": "black"}
 

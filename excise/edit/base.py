@@ -66,12 +66,15 @@ def check_signature(expected: dict[str, Any] | None, model: HookedTransformer) -
 class Edit(abc.ABC):
     """Base class of every edit kind; subclasses register under :attr:`kind` for :func:`load_edit`.
 
-    Subclasses implement :meth:`forward_hooks` (unless :attr:`supports_hooks` is False), :meth:`bake`,
-    :meth:`describe`, :meth:`to_parts` and :meth:`from_parts`.
+    Subclasses implement :meth:`forward_hooks` (unless :attr:`supports_hooks` is False), :meth:`bake` (unless
+    :attr:`supports_weights` is False), :meth:`describe`, :meth:`to_parts` and :meth:`from_parts`. An edit that
+    depends on the input (resample ablation, conditional SAE clamping) has no exact weight form, so its
+    :attr:`supports_weights` is False and :meth:`apply` raises TypeError.
     """
 
     kind: ClassVar[str]
     supports_hooks: ClassVar[bool] = True
+    supports_weights: ClassVar[bool] = True
     signature: dict[str, Any] | None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -107,15 +110,21 @@ class Edit(abc.ABC):
         if not self.supports_hooks:
             raise TypeError(f"a {self.kind} edit exists only in weight form; use edit.apply(model) instead of hooks")
         check_signature(self.signature, model)
-        with model.hooks(fwd_hooks=self.forward_hooks(model)):
+        with model.hooks(fwd_hooks=list(self.forward_hooks(model))):  # pyright: ignore[reportArgumentType]
             yield model
 
     def apply(self, model: HookedTransformer, *, inplace: bool = False) -> HookedTransformer:
         """Return a model whose weights realise the edit: a deep copy, or ``model`` itself with ``inplace=True``."""
+        if not self.supports_weights:
+            raise TypeError(self.no_weight_form_reason())
         check_signature(self.signature, model)
         target = model if inplace else copy.deepcopy(model)
         self.bake(target)
         return target
+
+    def no_weight_form_reason(self) -> str:
+        """The message of the TypeError that :meth:`apply` raises when :attr:`supports_weights` is False."""
+        return f"{self!r} depends on the input and has no weight form; run it with edit.hooks(model) instead"
 
     def then(self, other: Edit) -> Edit:
         """Chain this edit with ``other``, which runs after it."""
@@ -150,7 +159,9 @@ def load_edit(path: str | Path) -> Edit:
         _import_edit_modules()
     if kind not in _REGISTRY:
         raise ValueError(f"{meta_path} has unknown edit kind {kind!r}; known kinds are {sorted(_REGISTRY)}")
-    tensors = load_file(str(folder / "edit.safetensors"))
+    # Cloning gives freshly allocated (aligned) memory: matmul kernels may sum in another order on a tensor that
+    # sits at an unaligned offset of the loaded file, which changes results in the last bits.
+    tensors = {name: tensor.clone() for name, tensor in load_file(str(folder / "edit.safetensors")).items()}
     tensors.pop("_empty", None)
     edit = _REGISTRY[kind].from_parts(meta["config"], tensors)
     edit.signature = meta.get("signature")

@@ -29,6 +29,16 @@ class EditSequence(Edit):
     def supports_hooks(self) -> bool:  # type: ignore[override]
         return all(edit.supports_hooks for edit in self.edits)
 
+    @property
+    def supports_weights(self) -> bool:  # type: ignore[override]
+        return all(edit.supports_weights for edit in self.edits)
+
+    def no_weight_form_reason(self) -> str:
+        blocking = next(edit for edit in self.edits if not edit.supports_weights)
+        return (
+            f"step {self.edits.index(blocking)} of this sequence has no weight form: {blocking.no_weight_form_reason()}"
+        )
+
     def forward_hooks(self, model: HookedTransformer) -> list[ForwardHook]:
         # TransformerLens runs hooks on one hook point in the order they were added, so later edits see the
         # output of earlier ones, as they would in baked form.

@@ -3,13 +3,15 @@
 Every locate method returns one. Scores follow one sign convention across methods: a score is the (estimated or
 measured) *drop* in the metric when the site is ablated, so a positive score means the site supports the metric.
 With per-set scores, the ranking score is usually the selectivity ``forget - retain``: a site that matters for
-every fact is a bad target for removing one domain.
+every fact is a bad target for removing one domain. :meth:`Attribution.selectivity` gives it against any kept set
+(``"neighbour"`` shows whether a site is specific to the domain or to its broad topic).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +21,14 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from excise.data.facts import FACT_SETS, Domain
 from excise.sites import SITE_KINDS, Site, SiteKind
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
+    from transformer_lens import HookedTransformer
+
+    from excise.locate.validate import Validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +79,7 @@ class Attribution:
         ]
 
     def flat_scores(self, which: str | None = None) -> Float[Tensor, " site"]:
-        """All ranking scores (or one set's scores) concatenated in the order of :meth:`sites`."""
+        """Concatenate all ranking scores (or one set's scores) in the order of :meth:`sites`."""
         source = self.scores if which is None else self._set(which)
         return torch.cat([values.detach().float().cpu() for values in source.values()])
 
@@ -93,7 +99,7 @@ class Attribution:
         return [sites[i] for i in order]
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per site: ``hook``, ``layer``, ``index``, ``label``, ``score`` and a column per fact set."""
+        """Return one row per site: ``hook``, ``layer``, ``index``, ``label``, ``score`` and a column per fact set."""
         sites = self.sites()
         frame = pd.DataFrame(
             {
@@ -108,12 +114,26 @@ class Attribution:
             frame[which] = self.flat_scores(which).numpy()
         return frame
 
+    def selectivity(self, against: str = "retain") -> dict[str, Float[Tensor, " component"]]:
+        """Per hook, the forget score minus the score on the kept set ``against`` (``"retain"`` or ``"neighbour"``).
+
+        Positive where ablating the site hurts the forget facts more than the kept ones.
+        """
+        forget, kept = self._set("forget"), self._set(against)
+        return {hook: forget[hook] - kept[hook] for hook in self.scores}
+
+    def validate(self, model: HookedTransformer, domain: Domain, **kwargs: Any) -> Validation:
+        """Compare these scores with measured ablation effects; see :func:`excise.locate.validate.validate`."""
+        from excise.locate.validate import validate
+
+        return validate(self, model, domain, **kwargs)
+
     def layer_totals(self, which: str | None = None, *, absolute: bool = False) -> pd.Series:
         """Sum of scores per layer (of absolute scores with ``absolute=True``)."""
         frame = self.to_frame()
         column = "score" if which is None else which
         values = frame[column].abs() if absolute else frame[column]
-        return values.groupby(frame["layer"]).sum()
+        return pd.Series(values.groupby(frame["layer"]).sum())
 
     def plot(self, which: str | None = None) -> go.Figure:
         """Per-layer bar chart of scores; see :mod:`excise.plots` for more figures."""
@@ -163,3 +183,37 @@ class Attribution:
         if which not in self.set_scores:
             raise KeyError(f"no scores for set {which!r}; this attribution has {sorted(self.set_scores)}")
         return self.set_scores[which]
+
+
+def resolve_sets(domain: Domain, sets: Sequence[str] | None) -> list[str]:
+    """The fact sets a method scores: ``sets`` checked against the domain, or every non-empty set by default."""
+    if sets is None:
+        chosen = [which for which in FACT_SETS if domain.facts(which)]
+    else:
+        chosen = list(sets)
+        if not chosen:
+            raise ValueError("sets must name at least one fact set, e.g. ('forget', 'retain')")
+        for which in chosen:
+            if which not in FACT_SETS:
+                raise ValueError(f"unknown fact set {which!r}; expected one of {FACT_SETS}")
+            if not domain.facts(which):  # type: ignore[arg-type]
+                raise ValueError(f"fact set {which!r} of domain {domain.name!r} is empty; score other sets")
+    return chosen
+
+
+def rank_by_selectivity(
+    set_scores: dict[str, dict[str, Tensor]],
+) -> tuple[dict[str, Tensor], str]:
+    """Compute the ranking score from per-set scores, and describe it.
+
+    ``forget - retain`` when both sets are scored, else ``forget - neighbour``, else the only or first set's score.
+    """
+    if not set_scores:
+        raise ValueError("no set scores to rank by; score at least one fact set")
+    if "forget" in set_scores:
+        for kept in ("retain", "neighbour"):
+            if kept in set_scores:
+                forget, other = set_scores["forget"], set_scores[kept]
+                return {hook: forget[hook] - other[hook] for hook in forget}, f"forget - {kept}"
+    first = next(iter(set_scores))
+    return dict(set_scores[first]), first

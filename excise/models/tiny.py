@@ -7,8 +7,10 @@ tokenizes the same whether or not it follows its prompt. That keeps tiny synthet
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -65,6 +67,11 @@ def tiny_model(
         raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     if n_key_value_heads is not None and n_heads % n_key_value_heads != 0:
         raise ValueError(f"n_heads ({n_heads}) must be divisible by n_key_value_heads ({n_key_value_heads})")
+    # HookedTransformerConfig seeds torch, random and numpy globally when given a seed; building a model must not
+    # change the caller's random streams, so all three are saved here and restored below.
+    torch_state = torch.random.get_rng_state()
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
     config = HookedTransformerConfig(
         n_layers=n_layers,
         d_model=d_model,
@@ -82,13 +89,13 @@ def tiny_model(
         seed=seed,
         device="cpu",
     )
-    generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
         # TransformerLens sets missing special tokens on the tokenizer it is given, so it gets a copy.
         model = HookedTransformer(config, tokenizer=copy.deepcopy(tokenizer))
     finally:
-        # Building a model must not change the caller's random stream.
-        torch.random.set_rng_state(generator_state)
+        torch.random.set_rng_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
     model.eval()
     return model
