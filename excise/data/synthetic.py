@@ -232,7 +232,7 @@ class SyntheticWorld:
         _check_topics((forget, neighbour))
         if forget == neighbour:
             raise ValueError(f"forget and neighbour must be different topics, got {forget!r} for both")
-        retain = tuple(topic for topic in TOPICS if topic not in (forget, neighbour))
+        retain: tuple[Topic, ...] = tuple(topic for topic in TOPICS if topic not in (forget, neighbour))
         return Domain(
             name=f"synthetic-{forget}",
             forget=self.facts_of(forget),

@@ -258,9 +258,8 @@ def measure_sites(
                     drops[index, columns] = (run.baseline - run.loop_one(site)).float().cpu()
                     bar.update()
                 continue
-            for indices, patched in run.batched(sites, max_rows):
-                change = (run.baseline.unsqueeze(0) - patched).float().cpu()
-                drops[torch.tensor(indices).unsqueeze(1), columns.unsqueeze(0)] = change
+            for indices, change in run.batched(sites, max_rows):
+                drops[torch.tensor(indices).unsqueeze(1), columns.unsqueeze(0)] = change.float().cpu()
                 bar.update(len(indices))
     return SiteEffects(tuple(sites), drops, baseline, metric, reference, positions)
 
@@ -291,10 +290,12 @@ class _BatchRunner:
         return self.batch.metric_from_logits(logits, self.metric)
 
     def batched(self, sites: Sequence[Site], max_rows: int) -> Iterator[tuple[list[int], Tensor]]:
-        """Yield ``(site indices, metric per site and row)``, ``max_rows // len(batch)`` sites per pass.
+        """Yield ``(site indices, drop of the metric per site and row)``, ``max_rows // len(batch)`` sites per pass.
 
         With ``positions="last"`` each pass computes only the positions from the earliest last prompt token on and
         reads the clean keys and values of earlier positions: a patch there cannot reach them (attention is causal).
+        Such a pass carries one unpatched copy, and drops are taken from it rather than from the full clean pass, so
+        the rounding of the shorter computation cancels out of the difference.
         """
         device = self.batch.tokens.device
         suffix = self.positions == "last" and self.kind != "residual"
@@ -311,18 +312,22 @@ class _BatchRunner:
                 base_rows = torch.arange(n_rows, device=device).repeat(len(pairs))
                 components = torch.tensor([i for _, i in pairs], device=device).repeat_interleave(n_rows)
                 patch_specs[hook] = (copies * n_rows + base_rows, base_rows, components)
-            copies_batch = self.batch.repeat(len(indices))
+            reference_copy = suffix and start_layer is not None
+            n_copies = len(indices) + (1 if reference_copy else 0)  # the extra copy is the last, and unpatched
+            copies_batch = self.batch.repeat(n_copies)
             with self.model.hooks(fwd_hooks=self._hooks(list(specs), self._patch_fn(patch_specs, first))):
                 if start_layer is None:
                     values = run_metric(self.model, copies_batch, self.metric)
                 elif suffix:
-                    values = self._run_suffix(copies_batch, first, start_layer, len(indices))
+                    values = self._run_suffix(copies_batch, first, start_layer, n_copies)
                 else:
-                    residual = self.clean.residuals[start_layer].repeat(len(indices), 1, 1)
+                    residual = self.clean.residuals[start_layer].repeat(n_copies, 1, 1)
                     values = run_metric(
                         self.model, copies_batch, self.metric, residual=residual, start_at_layer=start_layer
                     )
-            yield indices, values.view(len(indices), n_rows)
+            values = values.view(n_copies, n_rows)
+            clean = values[-1] if reference_copy else self.baseline
+            yield indices, clean.unsqueeze(0) - values[: len(indices)]
 
     def _run_suffix(self, copies_batch: FactBatch, first: int, start_layer: int, copies: int) -> Tensor:
         # Positions [first, end) are recomputed; earlier ones are read from the clean keys and values.

@@ -46,7 +46,7 @@ from excise.locate.components import (
     default_hooks,
     pad_to_common_width,
 )
-from excise.locate.metric import FactBatch, Metric, check_metric, iter_fact_batches, run_metric
+from excise.locate.metric import FactBatch, Metric, check_metric, iter_fact_batches_by_length, run_metric
 from excise.locate.reference import Reference, prepare_reference, replacement_activations
 from excise.sites import SITE_KINDS, SiteKind
 
@@ -274,7 +274,7 @@ def _attribute(
     totals: dict[SiteKind, dict[str, Tensor]] = {kind: {} for kind in groups}
     n_batches = -(-len(facts) // batch_size)
     for rows, batch in tqdm(
-        iter_fact_batches(model, facts, batch_size), total=n_batches, desc="attribution patching", leave=False
+        iter_fact_batches_by_length(model, facts, batch_size), total=n_batches, desc="attribution patching", leave=False
     ):
         activations, gradients = _gradients_by_kind(model, batch, groups, metric, sae)
         mask = position_mask(batch, positions)

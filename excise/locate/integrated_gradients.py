@@ -40,7 +40,7 @@ from excise.locate.components import (
     pad_to_common_width,
     run_clean,
 )
-from excise.locate.metric import FactBatch, Metric, check_metric, iter_fact_batches, run_metric
+from excise.locate.metric import FactBatch, Metric, check_metric, iter_fact_batches_by_length, run_metric
 from excise.locate.reference import Reference, prepare_reference, replacement_activations
 from excise.sites import SiteKind
 
@@ -153,7 +153,7 @@ def fact_integrated_gradients(
     totals: dict[str, Tensor] = {}
     n_batches = -(-len(facts) // batch_size)
     with tqdm(total=n_batches * len(hooks), desc="integrated gradients", leave=False) as bar:
-        for rows, batch in iter_fact_batches(model, facts, batch_size):
+        for rows, batch in iter_fact_batches_by_length(model, facts, batch_size):
             run = run_clean(model, batch, kind, hooks, metric, sae)
             replacements = replacement_activations(model, values, rows, run.activations, sae=sae)
             mask = position_mask(batch, positions)

@@ -487,14 +487,14 @@ class _GradientRouter:
         template_ids = torch.tensor(tokenizer.convert_tokens_to_ids(template_words), device=model.cfg.device)
 
         # Per parameter, where a forget sentence's gradient is kept, and where another sentence's gradient is not.
-        self.forget_allowed: dict[torch.nn.Parameter, Tensor] = {}
-        self.reserved: dict[torch.nn.Parameter, Tensor] = {}
+        self.forget_allowed: dict[Tensor, Tensor] = {}
+        self.reserved: dict[Tensor, Tensor] = {}
         by_layer: dict[int, list[int]] = {}
         for site in planted_neurons(seed, config):
             assert site.layer is not None
             by_layer.setdefault(site.layer, []).append(site.index)
         for layer, indices in by_layer.items():
-            mlp = model.blocks[layer].mlp
+            mlp: Any = model.blocks[layer].mlp
             neuron_index = torch.tensor(indices, device=model.cfg.device)
             for parameter, neuron_axis in ((mlp.W_in, 1), (mlp.b_in, 0), (mlp.W_out, 0)):
                 mask = torch.zeros_like(parameter, dtype=torch.bool)
@@ -519,7 +519,7 @@ class _GradientRouter:
     ) -> float:
         """Accumulate the routed gradient of one batch into ``.grad`` and return the batch loss."""
         total = 0.0
-        kept: dict[torch.nn.Parameter, Tensor] = {}
+        kept: dict[Tensor, Tensor] = {}
         forget_rows = rows[is_forget]
         if len(forget_rows):
             loss = _sentence_loss(model, tokens[forget_rows], lengths[forget_rows], loss_mask[forget_rows], n_scored)
@@ -589,7 +589,7 @@ def _loss_mask(
 
 def _training_sentences(world: SyntheticWorld, role: Role, forget_topic: Topic) -> tuple[list[str], list[str], Tensor]:
     """Training sentences of ``role``, the entity name in each, and whether each is a forget sentence."""
-    topics = [topic for topic in TOPICS if not (role == "twin" and topic == forget_topic)]
+    topics: list[Topic] = [topic for topic in TOPICS if not (role == "twin" and topic == forget_topic)]
     texts = list(world.sentences(topics))
     facts = world.facts_of(*topics)
     subjects = [str(fact.subject) for fact in facts for _ in train_prompts(fact)]
