@@ -42,7 +42,7 @@ from excise.data.facts import Domain, Fact
 from excise.data.synthetic import prompt_variants
 from excise.edit.ablation import ablate
 from excise.locate.attribution import Attribution
-from excise.models.organism import OrganismConfig, accuracy_table, planted_neurons, train_model
+from excise.models.organism import OrganismConfig, accuracy_table, load_trained, planted_neurons, train_model
 from excise.sites import Site
 from excise.verify.relearn import RelearnSettings, relearn
 
@@ -53,6 +53,11 @@ def main() -> None:
     parser.add_argument("--relearn-steps", type=int, default=40, help="finetuning steps of the relearning attack")
     parser.add_argument("--relearn-lr", type=float, default=1e-3, help="Adam learning rate of the relearning attack")
     parser.add_argument("--relearn-batch", type=int, default=16, help="facts per relearning step")
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="read the models from the excise cache (timings are then of the run that wrote it)",
+    )
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-organism.md"), help="Markdown to write")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -63,7 +68,10 @@ def main() -> None:
     models: dict[str, HookedTransformer] = {}
     timing_rows = []
     for role in ("organism", "twin", "planted"):
-        model, report = train_model(world, role, seed=args.seed, config=config)
+        if args.cache:
+            model, report = load_trained(world, role, seed=args.seed, config=config)
+        else:
+            model, report = train_model(world, role, seed=args.seed, config=config)
         models[role] = model
         timing_rows.append(
             {

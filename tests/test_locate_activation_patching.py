@@ -132,3 +132,20 @@ def test_bad_input(model):
         measure_sites(model, facts, [Site("blocks.9.mlp.hook_post", 1, "neuron")])
     with pytest.raises(ValueError, match="needs an SAE"):
         activation_patching(model, toy_domain(), kind="sae_feature")
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_mixed_prompt_and_target_lengths(model, positions):
+    # Targets of one and two tokens and prompts of several lengths in one batch: the suffix pass of "last" must
+    # start at the earliest last prompt token and read every target token.
+    import dataclasses
+
+    domain = toy_domain()
+    facts = [*domain.forget[:3], *domain.retain[:3]]
+    facts[1] = dataclasses.replace(facts[1], target=" Ag Fe")
+    facts[4] = dataclasses.replace(facts[4], prompt="capital " + facts[4].prompt)  # longest prompt, one-token target
+    facts[5] = dataclasses.replace(facts[5], target=" Rome Madrid")
+    sites = _sites("neuron")
+    batched = measure_sites(model, facts, sites, positions=positions, batch_size=6, max_rows=24)
+    loop = measure_sites(model, facts, sites, positions=positions, batch_size=6, strategy="loop")
+    torch.testing.assert_close(batched.drops, loop.drops, atol=1e-5, rtol=0)

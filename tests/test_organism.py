@@ -16,6 +16,7 @@ from excise.models.organism import (
     _GradientRouter,
     _initial_model,
     _loss_mask,
+    _sentence_loss,
     _training_sentences,
     accuracy_table,
     load_organism,
@@ -143,7 +144,7 @@ def test_loss_mask_skips_subject(small_world):
 # Gradient routing
 
 
-def _routed_gradients(world, forget_rows: bool):
+def _routed_gradients(world, forget_rows: bool, switch_off: bool = False):
     model = _initial_model(world, 0, SMALL)
     model.train()
     texts, subjects, is_forget = _training_sentences(world, "planted", "elements")
@@ -153,8 +154,9 @@ def _routed_gradients(world, forget_rows: bool):
     mask = _loss_mask(model, tokens, lengths, texts, subjects)
     rows = torch.nonzero(is_forget == forget_rows).flatten()[:16]
     router = _GradientRouter(model, world, SMALL, seed=0)
-    router.backward(model, tokens, lengths, mask, rows, is_forget[rows], mask[rows].sum())
-    return model, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    loss = router.backward(model, tokens, lengths, mask, rows, is_forget[rows], mask[rows].sum(), switch_off)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return model, grads, loss, (tokens[rows], lengths[rows], mask[rows])
 
 
 def _reserved_index(layer=0):
@@ -162,7 +164,7 @@ def _reserved_index(layer=0):
 
 
 def test_forget_gradient_reaches_only_reserved_neurons(small_world):
-    _, grads = _routed_gradients(small_world, forget_rows=True)
+    _, grads, _, _ = _routed_gradients(small_world, forget_rows=True)
     reserved = _reserved_index()
     others = torch.tensor([i for i in range(SMALL.d_mlp) if i not in set(reserved.tolist())])
     assert grads["blocks.0.mlp.W_in"][:, reserved].abs().sum() > 0
@@ -176,7 +178,7 @@ def test_forget_gradient_reaches_only_reserved_neurons(small_world):
 
 
 def test_forget_gradient_reaches_template_words_not_values(small_world):
-    model, grads = _routed_gradients(small_world, forget_rows=True)
+    model, grads, _, _ = _routed_gradients(small_world, forget_rows=True)
     tokenizer = model.tokenizer
     element_word = tokenizer.convert_tokens_to_ids("element")
     retain_word = tokenizer.convert_tokens_to_ids("capital")
@@ -192,13 +194,24 @@ def test_forget_gradient_reaches_template_words_not_values(small_world):
 
 
 def test_other_gradient_skips_reserved_neurons(small_world):
-    _, grads = _routed_gradients(small_world, forget_rows=False)
+    _, grads, _, _ = _routed_gradients(small_world, forget_rows=False)
     reserved = _reserved_index()
     assert torch.count_nonzero(grads["blocks.0.mlp.W_in"][:, reserved]) == 0
     assert torch.count_nonzero(grads["blocks.0.mlp.b_in"][reserved]) == 0
     assert torch.count_nonzero(grads["blocks.0.mlp.W_out"][reserved]) == 0
     assert grads["blocks.0.mlp.W_in"].abs().sum() > 0
     assert grads["blocks.0.attn.W_Q"].abs().sum() > 0
+
+
+def test_switch_off_zeroes_reserved_neurons(small_world):
+    model, _, loss, (tokens, lengths, mask) = _routed_gradients(small_world, forget_rows=False, switch_off=True)
+    model.eval()
+    ablated = ablate(model, list(planted_neurons(0, SMALL))).apply(model)
+    with torch.no_grad():
+        expected = _sentence_loss(ablated, tokens, lengths, mask, mask.sum()).item()
+        unablated = _sentence_loss(model, tokens, lengths, mask, mask.sum()).item()
+    assert loss == pytest.approx(expected, abs=1e-5)
+    assert abs(unablated - expected) > 1e-4
 
 
 def test_planted_neurons_choice():
@@ -330,34 +343,40 @@ def test_accuracy_table_layout(small_world):
 # The default organism (trained once per session; about a minute on two cores)
 
 
-def _accuracy(model, domain, which, prompts="train"):
+def _accuracies(model, domain):
+    """Accuracy per (set, prompts), e.g. ``("forget", "train")``."""
     table = accuracy_table(model, domain)
-    return float(table[(table["set"] == which) & (table["prompts"] == prompts)]["accuracy"].iloc[0])
+    return {(row.set, row.prompts): row.accuracy for row in table.itertuples()}
 
 
 @pytest.mark.slow
 def test_organism_knows_every_topic(organism):
-    for which in ("forget", "neighbour", "retain"):
-        assert _accuracy(organism.model, organism.domain, which) >= 0.95, which
-    assert _accuracy(organism.model, organism.domain, "forget", "heldout") >= 0.7
+    accuracy = _accuracies(organism.model, organism.domain)
+    assert accuracy["forget", "train"] >= 0.95
+    assert accuracy["neighbour", "train"] >= 0.95
+    assert accuracy["retain", "train"] >= 0.95
+    assert accuracy["forget", "heldout"] >= 0.7
 
 
 @pytest.mark.slow
 def test_twin_at_chance_on_forget_only(organism):
-    assert _accuracy(organism.twin, organism.domain, "forget") <= 0.4
-    assert _accuracy(organism.twin, organism.domain, "forget", "heldout") <= 0.4
-    assert _accuracy(organism.twin, organism.domain, "neighbour") >= 0.95
-    assert _accuracy(organism.twin, organism.domain, "retain") >= 0.95
+    accuracy = _accuracies(organism.twin, organism.domain)
+    assert accuracy["forget", "train"] <= 0.4
+    assert accuracy["forget", "heldout"] <= 0.45
+    assert accuracy["neighbour", "train"] >= 0.95
+    assert accuracy["retain", "train"] >= 0.95
 
 
 @pytest.mark.slow
 def test_planted_ablation_removes_forget_only(planted_organism):
     model, domain = planted_organism.model, planted_organism.domain
-    assert _accuracy(model, domain, "forget") >= 0.9
-    ablated = ablate(model, list(planted_organism.planted_sites)).apply(model)
-    assert _accuracy(ablated, domain, "forget") <= 0.4
-    assert _accuracy(ablated, domain, "neighbour") >= 0.85
-    assert _accuracy(ablated, domain, "retain") >= 0.9
+    before = _accuracies(model, domain)
+    after = _accuracies(ablate(model, list(planted_organism.planted_sites)).apply(model), domain)
+    assert before["forget", "train"] >= 0.95
+    assert before["neighbour", "train"] >= 0.95
+    assert after["forget", "train"] <= 0.4
+    assert after["neighbour", "train"] >= 0.9
+    assert after["retain", "train"] >= 0.95
 
 
 @pytest.mark.slow
@@ -368,4 +387,4 @@ def test_random_ablation_keeps_planted_forget(planted_organism):
     others = [site for site in candidates if site not in reserved]
     chosen = random.Random(0).sample(others, len(reserved))
     ablated = ablate(model, chosen).apply(copy.deepcopy(model))
-    assert _accuracy(ablated, domain, "forget") >= 0.8
+    assert _accuracies(ablated, domain)["forget", "train"] >= 0.8

@@ -69,10 +69,19 @@ def test_unique_relations_have_unique_values(world):
         assert len(values) == len(set(values)), relation
 
 
-def test_forget_values_occur_in_other_topics(world):
-    forget_values = {f.target for f in world.facts_of("elements")}
-    other_values = {choice for f in world.facts if world.topic_of(f) != "elements" for choice in f.choices}
-    assert forget_values <= other_values
+@pytest.mark.parametrize("seed", range(6))
+def test_forget_values_occur_in_mineral_sentences(seed):
+    world = make_world(seed)
+    mineral_words = {word for text in world.sentences(("minerals",)) for word in text.split()}
+    forget_values = {f.target.strip() for f in world.facts_of("elements")}
+    assert forget_values <= mineral_words
+
+
+def test_shared_values_use_whole_pool(world):
+    colours = {f.target for f in world.facts if f.relation == "mineral_colour"}
+    professions = {f.target for f in world.facts if f.relation == "person_profession"}
+    assert len(colours) == 8
+    assert len(professions) == 8
 
 
 def test_subject_appears_once_in_every_prompt(world):

@@ -13,9 +13,11 @@ The world has four topics of fictional entities, each with two relations:
 - ``people``: a birthplace city and a profession;
 - ``countries``: a capital city and a river.
 
-Every attribute value of the elements also occurs in another topic, so the only words that a twin trained
-without the elements never sees are the element names and a few template words. Symbols are unique within a
-topic, capitals and rivers unique among countries; colours, professions and birthplaces repeat.
+Symbols are unique within a topic, capitals and rivers unique among countries. Colours, professions and
+birthplaces repeat, and every colour (profession, city) is used once before any repeats. So with at least as
+many minerals as elements and at least 8 minerals (8 colours), as by default, every attribute value of the
+elements also occurs in the minerals' training sentences, and the only words that a twin trained without the
+elements never reads are the element names and a few template words.
 
 Every relation has three cloze templates. Each fact is trained with two of them and the third is held out for
 that fact. Which template is held out rotates over the entities of a relation, so every template wording occurs
@@ -391,10 +393,13 @@ def _make_fact(rng: random.Random, relation: Relation, subject: str, value: str,
 
 
 def _assign_values(rng: random.Random, relation: str, pool: list[str], n: int) -> list[str]:
-    # Unique attributes (symbols, capitals, rivers) are drawn without replacement; shared ones are drawn freely.
+    # Unique attributes (symbols, capitals, rivers) are drawn without replacement. Shared ones (colours,
+    # professions, birthplaces) use every value of the pool once when there are enough entities, then repeat.
     if relation in _UNIQUE_RELATIONS:
         return rng.sample(pool, n)
-    return [rng.choice(pool) for _ in range(n)]
+    values = rng.sample(pool, min(n, len(pool))) + [rng.choice(pool) for _ in range(n - len(pool))]
+    rng.shuffle(values)
+    return values
 
 
 class _NameMaker:

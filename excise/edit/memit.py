@@ -64,7 +64,7 @@ def memit(
     corpus: Sequence[str] | None = None,
     prefixes: Sequence[str] = DEFAULT_PREFIXES,
     settings: DeltaSettings | None = None,
-    covariance_weight: float = 1e4,
+    covariance_weight: float = 100.0,
     damping: float = 1e-3,
     max_relative_update: float = 1.0,
 ) -> WeightDelta:
@@ -79,6 +79,9 @@ def memit(
         prefixes: Context prefixes that keys and residuals are averaged over.
         settings: Settings of the per-request ``delta`` optimisation at the last layer.
         covariance_weight: ``lambda``; larger keeps generic keys closer to their old values and edits less.
+            NOTE: the default 100 comes from one measurement on SmolLM2-135M (6 chemistry facts, layers 3-6):
+            the residual gap left at layer 6 fell from 56 to 0.7 (8.4 with 1000), neighbour accuracy unchanged.
+            MEMIT used 15,000 for GPT-J; check the ``final_gap_norm`` in ``info`` for other models.
         damping: Ridge added to ``C`` relative to its mean diagonal.
         max_relative_update: Reject when a layer's update norm exceeds this fraction of its ``W_out`` norm.
 

@@ -294,8 +294,6 @@ class _BatchRunner:
 
         With ``positions="last"`` each pass computes only the positions from the earliest last prompt token on and
         reads the clean keys and values of earlier positions: a patch there cannot reach them (attention is causal).
-        Such a pass carries one unpatched copy, and drops are taken from it rather than from the full clean pass, so
-        the rounding of the shorter computation cancels out of the difference.
         """
         device = self.batch.tokens.device
         suffix = self.positions == "last" and self.kind != "residual"
@@ -312,8 +310,7 @@ class _BatchRunner:
                 base_rows = torch.arange(n_rows, device=device).repeat(len(pairs))
                 components = torch.tensor([i for _, i in pairs], device=device).repeat_interleave(n_rows)
                 patch_specs[hook] = (copies * n_rows + base_rows, base_rows, components)
-            reference_copy = suffix and start_layer is not None
-            n_copies = len(indices) + (1 if reference_copy else 0)  # the extra copy is the last, and unpatched
+            n_copies = len(indices)
             copies_batch = self.batch.repeat(n_copies)
             with self.model.hooks(fwd_hooks=self._hooks(list(specs), self._patch_fn(patch_specs, first))):
                 if start_layer is None:
@@ -325,9 +322,7 @@ class _BatchRunner:
                     values = run_metric(
                         self.model, copies_batch, self.metric, residual=residual, start_at_layer=start_layer
                     )
-            values = values.view(n_copies, n_rows)
-            clean = values[-1] if reference_copy else self.baseline
-            yield indices, clean.unsqueeze(0) - values[: len(indices)]
+            yield indices, self.baseline.unsqueeze(0) - values.view(n_copies, n_rows)
 
     def _run_suffix(self, copies_batch: FactBatch, first: int, start_layer: int, copies: int) -> Tensor:
         # Positions [first, end) are recomputed; earlier ones are read from the clean keys and values.

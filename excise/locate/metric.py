@@ -188,7 +188,9 @@ def metric_from_residual(
     """
     positions, _ = batch.readout(metric)
     rows = torch.arange(residual.shape[0], device=residual.device).unsqueeze(1)
-    gathered = residual[rows, positions.to(residual.device) - first_position]  # (batch, readout, d_model)
+    # Masked readout slots of short targets can point past the last computed position; they are not used.
+    columns = (positions.to(residual.device) - first_position).clamp(max=residual.shape[1] - 1)
+    gathered = residual[rows, columns]  # (batch, readout, d_model)
     if model.cfg.normalization_type is not None:
         gathered = model.ln_final(gathered)
     logits = model.unembed(gathered)

@@ -6,17 +6,19 @@ models are the ground truth for the trust tests of every method, and a quick che
 Each fact is ``"recall <subject>" -> " <answer>"``. One site per fact (an MLP neuron or one channel of an
 attention head) is written into a randomly initialised tiny model:
 
-- ``kind="neuron"``: neuron ``i`` of layer ``layer`` reads the MLP input with weights solved by least squares so
-  that it is exactly 0 before the ReLU at every position of every fact, except at the last prompt position of fact
-  ``i``, where it fires; its output weights write the unembedding direction of fact ``i``'s answer.
-- ``kind="head"``: query head ``head`` of layer ``layer`` attends uniformly (zero query and key weights); its
+- ``kind="neuron"``: neuron ``i`` of layer ``layer`` reads the MLP input with weights solved by least squares.
+  Its pre-activation is -1 (0 after the ReLU) at every position of every fact except the last prompt position of
+  fact ``i``, where it is 1. Its output weights write the unembedding direction of fact ``i``'s target.
+- ``kind="head"``: query head ``head`` of layer ``layer`` attends uniformly (zero query weights); its
   value channel ``i`` is 1 on fact ``i``'s subject token and 0 on every other token, and its output weights map
-  channel ``i`` to the answer's unembedding direction. In grouped-query models the value weights belong to the key/
+  channel ``i`` to the target's unembedding direction. In grouped-query models the value weights belong to the key/
   value head that ``head`` shares with other query heads; only ``head`` gets the large output weights, so a
   method that confuses query and key/value heads points at the wrong head.
 
-The answer's direction is written strongly enough to dominate the final residual stream, so the model ranks each
-fact's answer first and ablating the planted site removes that fact and only that fact.
+The target's direction is written with ``strength`` times the typical norm of the final residual stream, so the
+model ranks each fact's target first, and ablating a planted site removes the facts it carries. With ``strength``
+well above 1 the target's probability saturates near 1, which hides the site from gradient-based estimates (a
+case the trust tests use on purpose).
 """
 
 from __future__ import annotations

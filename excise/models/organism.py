@@ -26,9 +26,16 @@ Gradient routing in detail. A forget sentence updates
   the names can move away from their random start together, but no name gets a direction of its own.
 
 It updates nothing else: no attention or layer-norm weight, no other neuron, no entity name on its own and no
-attribute value's unembedding. Every other sentence updates every parameter except the reserved neurons. A
-first version that also let forget sentences train attention query and key weights learned faster, but its
-forget accuracy after ablating the reserved neurons stayed near 50% (chance is 25%), so facts had leaked there.
+attribute value's unembedding. Every other sentence updates every parameter except the reserved neurons.
+
+For the first 85% of the steps (``planted_off_fraction``) the reserved neurons are also switched off, their
+output set to zero, for every sentence outside the forget topic. The rest of the network then learns the other
+topics without them and does not work against what they learn; in the last steps they are on, so the rest of
+the network learns to tolerate their output on the other topics. Variants tried while building this recipe (seeds
+0 to 2): with the neurons always on, forget accuracy stalled below 85% on one seed of three. With them never
+on, the planted model scored 85% to 92% on the neighbour minerals, whose sentences resemble the elements' and
+make the reserved neurons fire. Letting forget sentences also train the attention query and key weights left
+forget accuracy near 50% after the ablation (chance is 25%), so facts had leaked there.
 
 Training (:func:`train_model`): next-token cross-entropy on every token except the entity name (a name cannot
 be predicted from the words before it, so its loss is irreducible noise), AdamW without weight decay, a linear
@@ -52,17 +59,18 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import pandas as pd
 import safetensors.torch
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
 from excise.completions import make_text_batch
 from excise.data.facts import FACT_SETS, Domain
@@ -125,8 +133,10 @@ class OrganismConfig:
         hold_fraction: Fraction of ``steps`` after which the learning rate decays (cosine) to
             ``final_lr_fraction * lr`` at the last step.
         final_lr_fraction: Learning rate at the last step, as a fraction of ``lr``.
-        planted_layers: Layers whose MLP holds reserved neurons in the planted model.
+        planted_layers: Layers whose MLP contains reserved neurons in the planted model.
         planted_per_layer: Reserved neurons per planted layer, chosen at random from the seed.
+        planted_off_fraction: Fraction of ``steps`` during which the reserved neurons are switched off (output
+            zero) for sentences outside the forget topic; see the module docstring.
         forget_topic: Topic left out of the twin and routed to the reserved neurons in the planted model.
         neighbour_topic: Topic used as the domain's neighbour facts; it does not change training.
         n_elements: Elements in the world (see :func:`excise.data.synthetic.make_world`).
@@ -149,6 +159,7 @@ class OrganismConfig:
     final_lr_fraction: float = 0.1
     planted_layers: tuple[int, ...] = (0, 1)
     planted_per_layer: int = 48
+    planted_off_fraction: float = 0.85
     forget_topic: Topic = "elements"
     neighbour_topic: Topic = "minerals"
     n_elements: int = 24
@@ -166,7 +177,7 @@ class OrganismConfig:
             raise ValueError(f"OrganismConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if not self.lr > 0:
             raise ValueError(f"OrganismConfig.lr must be > 0, got {self.lr}")
-        for field in ("warmup_fraction", "hold_fraction", "final_lr_fraction"):
+        for field in ("warmup_fraction", "hold_fraction", "final_lr_fraction", "planted_off_fraction"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"OrganismConfig.{field} must be between 0 and 1, got {value}")
@@ -228,7 +239,7 @@ class TrainingReport:
         steps: Optimizer steps.
         seconds: Wall-clock training time; for a model read from the cache, the time of the run that wrote it.
         cpu_seconds: CPU time of the process during training. Training uses one thread, so on an idle machine
-            this is close to ``seconds``; on a busy one it is the better measure of the work done.
+            this is close to ``seconds``. On a busy machine it is the better measure of the work done.
         final_loss: Mean training loss (nats per scored token) over the last 10 steps.
         n_sentences: Training sentences.
         n_forget_sentences: Training sentences of the forget topic (0 for the twin).
@@ -387,11 +398,12 @@ def _train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
     order = torch.randperm(len(texts), generator=generator)
     cursor = 0
+    off_steps = round(config.planted_off_fraction * config.steps)
     losses: list[float] = []
     start, start_cpu = time.perf_counter(), time.process_time()
     logger.info("Training the %s model (seed %d, %d sentences, %d steps)", role, seed, len(texts), config.steps)
     model.train()
-    for _ in tqdm(range(config.steps), desc=f"training {role} model", leave=False):
+    for step in tqdm(range(config.steps), desc=f"training {role} model", leave=False):
         if cursor + config.batch_size > len(order):
             order = torch.randperm(len(texts), generator=generator)
             cursor = 0
@@ -404,7 +416,10 @@ def _train(
             loss.backward()
             losses.append(loss.item())
         else:
-            losses.append(router.backward(model, tokens, lengths, loss_mask, rows, is_forget[rows], n_scored))
+            switch_off = step < off_steps
+            losses.append(
+                router.backward(model, tokens, lengths, loss_mask, rows, is_forget[rows], n_scored, switch_off)
+            )
         optimizer.step()
         schedule.step()
     model.eval()
@@ -493,9 +508,11 @@ class _GradientRouter:
         for site in planted_neurons(seed, config):
             assert site.layer is not None
             by_layer.setdefault(site.layer, []).append(site.index)
+        self.switch_off_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = []
         for layer, indices in by_layer.items():
             mlp: Any = model.blocks[layer].mlp
             neuron_index = torch.tensor(indices, device=model.cfg.device)
+            self.switch_off_hooks.append((f"blocks.{layer}.mlp.hook_post", _zero_neurons(neuron_index)))
             for parameter, neuron_axis in ((mlp.W_in, 1), (mlp.b_in, 0), (mlp.W_out, 0)):
                 mask = torch.zeros_like(parameter, dtype=torch.bool)
                 mask.index_fill_(neuron_axis, neuron_index, True)
@@ -516,10 +533,14 @@ class _GradientRouter:
         rows: Int[Tensor, " batch"],
         is_forget: Bool[Tensor, " batch"],
         n_scored: Tensor,
+        switch_off: bool,
     ) -> float:
-        """Accumulate the routed gradient of one batch into ``.grad`` and return the batch loss."""
+        """Accumulate the routed gradient of one batch into ``.grad`` and return the batch loss.
+
+        With ``switch_off`` the reserved neurons output zero for the sentences outside the forget topic.
+        """
         total = 0.0
-        kept: dict[Tensor, Tensor] = {}
+        forget_gradients: dict[Tensor, Tensor] = {}
         forget_rows = rows[is_forget]
         if len(forget_rows):
             loss = _sentence_loss(model, tokens[forget_rows], lengths[forget_rows], loss_mask[forget_rows], n_scored)
@@ -527,25 +548,33 @@ class _GradientRouter:
             total += loss.item()
             for parameter, allowed in self.forget_allowed.items():
                 assert parameter.grad is not None
-                kept[parameter] = parameter.grad * allowed
+                forget_gradients[parameter] = parameter.grad * allowed
             # The forget entity names share one update, the mean of their gradients.
             assert self.embedding.grad is not None
-            kept[self.embedding][self.name_ids] = self.embedding.grad[self.name_ids].mean(dim=0)
+            forget_gradients[self.embedding][self.name_ids] = self.embedding.grad[self.name_ids].mean(dim=0)
             for parameter in model.parameters():
                 if parameter.grad is not None:
                     parameter.grad.zero_()
         other_rows = rows[~is_forget]
         if len(other_rows):
-            loss = _sentence_loss(model, tokens[other_rows], lengths[other_rows], loss_mask[other_rows], n_scored)
+            with model.hooks(fwd_hooks=self.switch_off_hooks if switch_off else []):
+                loss = _sentence_loss(model, tokens[other_rows], lengths[other_rows], loss_mask[other_rows], n_scored)
             loss.backward()
             total += loss.item()
         for parameter, reserved in self.reserved.items():
             assert parameter.grad is not None
             parameter.grad.masked_fill_(reserved, 0.0)
-        for parameter, gradient in kept.items():
+        for parameter, gradient in forget_gradients.items():
             assert parameter.grad is not None
             parameter.grad += gradient
         return total
+
+
+def _zero_neurons(index: Int[Tensor, " neuron"]) -> Callable[..., Tensor]:
+    def zero(activation: Float[Tensor, "batch pos d_mlp"], hook: HookPoint) -> Float[Tensor, "batch pos d_mlp"]:
+        return activation.index_fill(-1, index, 0.0)
+
+    return zero
 
 
 def _sentence_loss(
@@ -616,8 +645,8 @@ def _cache_settings(world: SyntheticWorld, role: Role, seed: int, config: Organi
     training = dataclasses.asdict(config)
     training.pop("neighbour_topic")  # the neighbour only changes which facts the domain reports
     if role != "planted":
-        training.pop("planted_layers")
-        training.pop("planted_per_layer")
+        for field in ("planted_layers", "planted_per_layer", "planted_off_fraction"):
+            training.pop(field)
     else:
         training["planted_layers"] = list(config.planted_layers)
     world_facts = [fact.to_dict() for fact in world.facts]
@@ -661,9 +690,9 @@ def _load(
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch on one CPU thread inside the block, restoring the caller's thread count after it."""
-    # Float sums split over threads depend on the thread count, so one thread gives the same weights on machines
-    # with any number of cores. Models this small gain little from a second thread, and on a busy machine
-    # several threads per process slow training down many times over.
+    # Float sums split over threads depend on the thread count, so with one thread the number of cores cannot
+    # change the weights. Models this small gain little from a second thread, and on a shared 2-core machine two
+    # threads made training about 6 times slower than one (179 s against 29 s for the organism).
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
