@@ -14,7 +14,7 @@ Run from the repository root::
 
     python bench/bench_locate.py --out docs/benchmarks-locate.md
 
-Timings depend on the machine and on what else runs on it; the output records the CPU count, torch threads and
+Timings depend on the machine and on what else runs on it, so the output records the CPU count, torch threads and
 the load average before and after.
 """
 

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument(
         "--cache",
         action="store_true",
-        help="read the models from the excise cache (timings are then of the run that wrote it)",
+        help="read and write the models in the excise cache; timings are then those of the run that wrote them",
     )
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-organism.md"), help="Markdown to write")
     args = parser.parse_args()
@@ -103,7 +103,10 @@ def main() -> None:
         curves[name] = relearn(models[name], train_facts, eval_facts, settings, description=f"relearning {name}")
         print(f"relearned {name} in {time.perf_counter() - start:.1f} s", flush=True)
     steps = next(iter(curves.values())).steps
-    relearning = pd.DataFrame({"step": steps, **{name: curve.accuracy for name, curve in curves.items()}})
+    relearning = pd.DataFrame(
+        {"step": steps, **{name: [round(value, 3) for value in curve.accuracy] for name, curve in curves.items()}}
+    )
+    final_losses = {name: round(curve.train_loss[-1], 4) for name, curve in curves.items()}
     print(relearning.to_string(), flush=True)
 
     locate = _score_locate_methods(planted, domain, reserved)
@@ -117,6 +120,7 @@ def main() -> None:
         timing=timing,
         accuracy=accuracy,
         relearning=relearning,
+        final_losses=final_losses,
         n_train=len(train_facts),
         n_eval=len(eval_facts),
         locate=locate,
@@ -204,6 +208,7 @@ def _markdown(
     timing: pd.DataFrame,
     accuracy: pd.DataFrame,
     relearning: pd.DataFrame,
+    final_losses: dict[str, float],
     n_train: int,
     n_eval: int,
     locate: pd.DataFrame,
@@ -217,7 +222,7 @@ def _markdown(
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         f"Run {datetime.datetime.now().isoformat(timespec='minutes')} on {_cpu_name()} "
-        f"({os.cpu_count()} cores; training uses 1 thread, the rest {torch.get_num_threads()}), "
+        f"({os.cpu_count()} cores; training uses 1 thread, scoring and relearning {torch.get_num_threads()}), "
         f"Python {platform.python_version()}, torch {torch.__version__}. Load average before "
         f"{load[0][0]:.1f}, after {load[1][0]:.1f}: other jobs shared the machine, so wall times are upper bounds "
         "and CPU times are the better measure of the work.",
@@ -249,6 +254,11 @@ def _markdown(
         "",
         _table(relearning),
         "",
+        "Training loss at the last step (nats per prompt): "
+        + ", ".join(f"{name} {loss}" for name, loss in final_losses.items())
+        + ". Every model learns the trained half. The values of the trained half are also distractors of the held-out "
+        "facts, so finetuning can push held-out accuracy below chance.",
+        "",
         "## Locate methods against the planted neurons",
         "",
         f"Each method scores all {n_neurons} MLP neurons of the planted model on its forget and retain facts. "
@@ -262,7 +272,7 @@ def _markdown(
 
 
 def _table(frame: pd.DataFrame) -> str:
-    """A GitHub Markdown table (pandas' ``to_markdown`` needs the optional tabulate package)."""
+    """Format ``frame`` as a GitHub Markdown table (pandas' ``to_markdown`` needs the optional tabulate package)."""
     header = "| " + " | ".join(str(column) for column in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(str(value) for value in row) + " |" for row in frame.itertuples(index=False)]

@@ -9,6 +9,15 @@ from excise.sites import Site
 from tests.helpers import toy_domain, toy_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from more threads, and on a busy machine several threads per process thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return toy_model()
@@ -84,8 +93,8 @@ def test_residual_scores_cover_every_position():
     attribution = activation_patching(planted.model, planted.domain, kind="residual", sets=["forget", "retain"])
     widths = {values.numel() for values in attribution.scores.values()}
     assert widths == {3}  # "recall subjectN answerN"
-    # Layer 0's planted neurons write the answer at the last prompt position (1); zeroing the residual stream there
-    # after layer 0 removes it, zeroing the answer's own position (2) changes nothing that predicts it.
+    # Layer 0's planted neurons write the target at the last prompt position (1), so zeroing the residual stream
+    # there after layer 0 removes it. Zeroing the target's own position (2) changes nothing that predicts it.
     forget = attribution.set_scores["forget"]["blocks.1.hook_resid_pre"]
     assert forget[1] > 1.0
     assert abs(float(forget[2])) < 1e-6

@@ -9,6 +9,15 @@ from excise.sites import Site
 from tests.helpers import toy_domain, toy_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from more threads, and on a busy machine several threads per process thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return toy_model()
@@ -89,7 +98,7 @@ def test_finds_planted_neurons():
 
 
 def test_saturation_makes_the_linear_estimate_understate_planted_sites():
-    # The documented weakness: with the answer near certain, the gradient at the clean point is small, while
+    # The documented weakness: with the target near certain, the gradient at the clean point is small, while
     # removing the site removes the fact.
     planted = planted_model("neuron", strength=4.0)
     attribution = attribution_patching(planted.model, planted.domain, sets=["retain"])

@@ -11,6 +11,15 @@ from excise.plots.causal_tracing import plot_fact_trace, plot_trace_summary
 from tests.helpers import toy_domain, toy_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from more threads, and on a busy machine several threads per process thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def planted_neuron():
     return planted_model("neuron", layer=1, n_layers=3)

@@ -19,4 +19,5 @@ def test_locate_notebook_runs():
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.get("output_type") == "error"]
     last = notebook.cells[-1]["outputs"][0]["data"]["text/plain"]
-    assert "spearman" in last and "sae_feature" in last
+    assert "spearman" in last
+    assert "sae_feature" in last

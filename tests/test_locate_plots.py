@@ -1,6 +1,7 @@
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+import torch
 
 from excise.locate import attribution_patching, validate
 from excise.locate.planted import planted_model
@@ -13,6 +14,15 @@ from excise.plots.attribution import (
     plot_top_sites,
     plot_validation,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from more threads, and on a busy machine several threads per process thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,15 @@ from excise.locate.planted import planted_model
 from tests.helpers import toy_domain, toy_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from more threads, and on a busy machine several threads per process thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return toy_model()

@@ -216,7 +216,8 @@ class SyntheticWorld:
     def sentences(self, topics: Sequence[Topic] = TOPICS) -> tuple[str, ...]:
         """Return the training text of ``topics``: every fact in each of its two training templates.
 
-        A sentence is the prompt, the target and a final ``" ."``, e.g. ``"The capital of Oravia is Kelford ."``.
+        Sentences come two per fact, in the order of :attr:`facts`, first ``prompt`` then ``paraphrases[1]``. A
+        sentence is the prompt, the target and a final ``" ."``, e.g. ``"The capital of Oravia is Kelford ."``.
         """
         _check_topics(topics)
         return tuple(

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
-from typing import Literal, get_args
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, get_args
 
 import pandas as pd
 import torch
@@ -100,6 +100,21 @@ class Circuit:
         )
         order = frame["score"].abs().to_numpy().argsort(kind="stable")[::-1]
         return frame.iloc[order].reset_index(drop=True)
+
+    def selectivity(self, kept: Circuit) -> Circuit:
+        """Return a circuit whose scores are this one's minus ``kept``'s (scored on facts to keep, same model).
+
+        Edges that every prompt relies on (for example a model's massive-activation pathway) score high on any fact
+        set; the difference keeps the edges specific to this circuit's facts.
+        """
+        if kept.upstream != self.upstream or kept.downstream != self.downstream:
+            raise ValueError("the two circuits were scored on models of different shapes; score both on one model")
+        return dataclasses.replace(
+            self,
+            scores=self.scores - kept.scores,
+            method=f"{self.method} (selectivity)",
+            settings={**self.settings, "minus": dict(kept.settings)},
+        )
 
     def plot(self, n: int = 30):
         """Plot the top ``n`` edges as a layered graph; see :func:`excise.plots.circuits.plot_circuit`."""
@@ -329,32 +344,43 @@ def _run_pruned(
     metric: Metric,
 ) -> Float[Tensor, " batch"]:
     """Compute the metric with every edge outside ``keep`` carrying its upstream node's reference output."""
-    outputs: list[Tensor] = []  # node outputs of this run, in upstream order
     removed = (graph.allowed & ~keep).to(torch.float32)  # (upstream, downstream)
     w_o = {layer: model.blocks[layer].attn.W_O for layer in range(graph.n_layers)}
+    # Node output minus reference output, in upstream order, filled in as the forward pass computes the nodes.
+    buffer: list[Tensor] = []
+    filled = [0]
+
+    def write(values: Tensor) -> None:
+        if not buffer:
+            buffer.append(values.new_empty((len(graph.upstream), *values.shape[1:])))
+        buffer[0][filled[0] : filled[0] + len(values)] = values
+        filled[0] += len(values)
 
     def record_embed(activation: Tensor, hook: HookPoint) -> None:
-        outputs.append(activation - reference_outputs["embed"])
+        write((activation - reference_outputs["embed"]).unsqueeze(0))
 
     def record_heads(z: Tensor, hook: HookPoint) -> None:
         layer = int((hook.name or "").split(".")[1])
-        results = torch.einsum("bphd,hdm->hbpm", z, w_o[layer])
-        outputs.extend(results - reference_outputs[f"heads.{layer}"])
+        write(torch.einsum("bphd,hdm->hbpm", z, w_o[layer]) - reference_outputs[f"heads.{layer}"])
 
     def record_mlp(activation: Tensor, hook: HookPoint) -> None:
         layer = int((hook.name or "").split(".")[1])
-        outputs.append(activation - reference_outputs[f"mlp.{layer}"])
+        write((activation - reference_outputs[f"mlp.{layer}"]).unsqueeze(0))
 
     def subtract(start: int, stop: int, with_head_dim: bool):
+        weights_all = removed[:, start:stop]
+        if not bool(weights_all.any()):
+            return None  # every edge into these readers is kept
+
         def hook_fn(activation: Tensor, hook: HookPoint) -> Tensor:
-            stacked = torch.stack(outputs)  # (upstream so far, batch, pos, d_model)
-            weights = removed[: len(outputs), start:stop].to(stacked.dtype)
-            correction = torch.einsum("ubpm,ur->bprm", stacked, weights)
+            written = buffer[0][: filled[0]]  # (upstream so far, batch, pos, d_model)
+            weights = weights_all[: filled[0]].to(written.dtype)
+            correction = torch.einsum("ubpm,ur->bprm", written, weights)
             return activation - (correction if with_head_dim else correction[:, :, 0])
 
         return hook_fn
 
-    fwd: ForwardHooks = [("blocks.0.hook_resid_pre", record_embed)]
+    fwd: list[tuple[str, Callable[..., Any] | None]] = [("blocks.0.hook_resid_pre", record_embed)]
     for layer in range(graph.n_layers):
         slices = graph.reader_slices(layer)
         fwd += [
@@ -367,7 +393,8 @@ def _run_pruned(
         ]
     last = len(graph.downstream) - 1
     fwd.append((f"blocks.{graph.n_layers - 1}.hook_resid_post", subtract(last, last + 1, False)))
-    with model.hooks(fwd_hooks=fwd):
+    active: ForwardHooks = [(name, fn) for name, fn in fwd if fn is not None]
+    with model.hooks(fwd_hooks=active):
         return run_metric(model, batch, metric)
 
 
