@@ -17,15 +17,20 @@ format, so a model that never learned the domain can gain a little too.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 from transformer_lens import HookedTransformer
 
+from excise.completions import tokenize_completion, tokenize_prompt
 from excise.data.facts import Fact
 from excise.verify.accuracy import score_facts
 
 DEFAULT_KS = (0, 1, 2, 4, 8)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,8 @@ class InContextResult:
         target_logprob: Mean target log-probability (nats) at each k.
         chance: Chance accuracy of the held-out facts.
         n_facts: Number of held-out facts.
+        skipped_ks: Requested numbers of demonstrations left out because some prompt would not fit the model's
+            context (only with ``too_long="skip"``).
     """
 
     ks: list[int]
@@ -45,6 +52,7 @@ class InContextResult:
     target_logprob: list[float]
     chance: float
     n_facts: int
+    skipped_ks: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def best_accuracy(self) -> float:
@@ -77,6 +85,7 @@ def in_context_attack(
     batch_size: int = 16,
     separator: str = "\n",
     label: str = "model",
+    too_long: Literal["raise", "skip"] = "raise",
 ) -> InContextResult:
     """Measure held-out accuracy with ``k`` demonstrations before each question, for every ``k`` in ``ks``.
 
@@ -90,6 +99,9 @@ def in_context_attack(
         batch_size: Sequences per forward pass.
         separator: Text after each demonstration.
         label: Name of the model in progress bars.
+        too_long: What to do with a ``k`` whose longest prompt and choice exceed the model's context: ``"raise"``
+            a ValueError, or ``"skip"`` that ``k`` and list it in :attr:`InContextResult.skipped_ks` (the verify
+            suite does this, so a small model with a short context still gets the ``k`` values that fit).
     """
     if not eval_facts:
         raise ValueError("in_context_attack needs at least one held-out fact")
@@ -102,14 +114,42 @@ def in_context_attack(
             f"k={ks[-1]} demonstrations requested but only {available} are available per fact; pass smaller ks "
             f"or more demonstration facts"
         )
-    accuracy, logprob = [], []
+    if too_long not in ("raise", "skip"):
+        raise ValueError(f"too_long must be 'raise' or 'skip', got {too_long!r}")
+    accuracy, logprob, kept, skipped = [], [], [], []
     chance = float("nan")
     for k in ks:
         prompted = [with_demonstrations(fact, demonstrations, k, seed=seed, separator=separator) for fact in eval_facts]
+        longest = max(_longest_row(model, fact) for fact in prompted)
+        if longest > model.cfg.n_ctx:
+            if too_long == "raise":
+                raise ValueError(
+                    f"with k={k} demonstrations a prompt and its choice take {longest} tokens, more than the model's "
+                    f"context of {model.cfg.n_ctx}; pass smaller ks, or too_long='skip'"
+                )
+            logger.warning("in-context k=%d skipped: %d tokens exceed the context of %d", k, longest, model.cfg.n_ctx)
+            skipped.append(k)
+            continue
+        kept.append(k)
         scores = score_facts(model, prompted, batch_size=batch_size, description=f"in-context k={k} ({label})")
         accuracy.append(scores.accuracy)
         logprob.append(scores.mean_target_logprob)
         chance = scores.chance
+    if not kept:
+        raise ValueError(
+            f"no k in {ks} fits the model's context of {model.cfg.n_ctx} tokens; even k={ks[0]} is too long"
+        )
     return InContextResult(
-        ks=list(ks), accuracy=accuracy, target_logprob=logprob, chance=chance, n_facts=len(eval_facts)
+        ks=kept,
+        accuracy=accuracy,
+        target_logprob=logprob,
+        chance=chance,
+        n_facts=len(eval_facts),
+        skipped_ks=skipped,
     )
+
+
+def _longest_row(model: HookedTransformer, fact: Fact) -> int:
+    """Tokens of the fact's prompt followed by its longest choice."""
+    prompt = len(tokenize_prompt(model, fact.prompt))
+    return prompt + max(len(tokenize_completion(model, choice)) for choice in (fact.target, *fact.distractors))

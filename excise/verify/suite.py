@@ -306,7 +306,14 @@ def run_suite(
         if "in_context" in settings.checks and ks:
             with run.timed("in_context"):
                 in_context[label] = in_context_attack(
-                    model, eval_facts, attack_facts, ks=ks, seed=seed, batch_size=settings.batch_size, label=label
+                    model,
+                    eval_facts,
+                    attack_facts,
+                    ks=ks,
+                    seed=seed,
+                    batch_size=settings.batch_size,
+                    label=label,
+                    too_long="skip",
                 )
         if "relearn" in settings.checks:
             for attack in settings.relearn:
