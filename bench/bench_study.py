@@ -2,7 +2,11 @@
 
 Usage::
 
-    python bench/bench_study.py [--skip-full] [--k 300] [--output docs/benchmarks-study.md]
+    python bench/bench_study.py [--skip-full] [--k 200] [--output docs/benchmarks-study.md]
+    python bench/bench_study.py --reports "excise run --quick=runs/quick" "excise run=runs/full"
+
+With ``--reports`` the studies are not run again: the page is written from the report folders of earlier runs
+(their stage timings give the total), and only the baseline is timed now.
 
 Timings on a shared machine are noisy, so the same run also times a baseline, the plain transformers forward
 pass of the same model on the same batch, and reports every stage as a ratio to it.
@@ -12,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,12 +68,36 @@ def success_check(data: dict) -> str:
     )
 
 
-def markdown(results: dict[str, dict], hf_seconds: float, hooked_seconds: float) -> str:
+def summary_of(data: dict) -> str:
+    """Rebuild the one-line summary that `excise run` prints from a report.json."""
+    before, after = data["metrics"]["before"], data["metrics"]["after"]
+    parts = ", ".join(
+        f"{which} {before[which]['accuracy']:.0%} -> {after[which]['accuracy']:.0%}"
+        for which in before
+        if which in after
+    )
+    return f"{data['model']} / {data['domain']}: {parts}"
+
+
+def markdown(
+    results: dict[str, dict], hf_seconds: float, hooked_seconds: float, load_before: tuple, *, from_reports: bool
+) -> str:
+    load_after = os.getloadavg()
+    source = (
+        "The studies ran earlier as separate `excise run` commands, one at a time; their report folders were read "
+        "back with `--reports`, and the total is the sum of their stage timings. The baseline was timed when the "
+        "page was written."
+        if from_reports
+        else "The studies and the baseline ran in this process."
+    )
     lines = [
-        "## The main job (`excise run`)",
+        "# Benchmarks: the main job (`excise run`)",
         "",
-        f"Command: `python bench/bench_study.py`. Machine: {platform.machine()}, {torch.get_num_threads()} torch "
-        f"threads, Python {platform.python_version()}, torch {torch.__version__}.",
+        f"Command: `python {' '.join(sys.argv)}`. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}. "
+        f"Load average when the page was written: {load_before[0]:.1f} before, {load_after[0]:.1f} after.",
+        "",
+        source,
         "",
         f"Baseline: one forward pass of batch 32 x 16 tokens takes {hf_seconds:.2f} s in transformers and "
         f"{hooked_seconds:.2f} s in TransformerLens (ratio {hooked_seconds / hf_seconds:.2f}).",
@@ -80,7 +110,20 @@ def markdown(results: dict[str, dict], hf_seconds: float, hooked_seconds: float)
         lines.append(f"| {name} | {result['total']:.0f} | {result['total'] / hf_seconds:.0f} | {stages} |")
     for name, result in results.items():
         data = result["report"]
-        lines += ["", f"### {name}: {result['summary']}", "", success_check(data), ""]
+        locate = data["locate"]
+        settings = data["settings"]
+        lines += [
+            "",
+            f"### {name}: {result['summary']}",
+            "",
+            f"Facts (known, located on / measured on): {settings['n_facts']['locate']} / "
+            f"{settings['n_facts']['eval']}. Ranking: {locate['settings'].get('ranking', 'forget - retain')}; "
+            f"{len(locate.get('excluded', []))} massive-activation neurons left out; k = {data['edit']['k']}, "
+            f"{data['edit']['ablation']} ablation baked into the weights.",
+            "",
+            success_check(data),
+            "",
+        ]
         sweep = data["extra"]["sweep"]
         sets = list(sweep["accuracy"])
         lines += ["| k | " + " | ".join(sets) + " |", "| --- |" + " --- |" * len(sets)]
@@ -98,18 +141,33 @@ def markdown(results: dict[str, dict], hf_seconds: float, hooked_seconds: float)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=300, help="sites to ablate (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=200, help="sites to ablate (default: %(default)s)")
     parser.add_argument("--skip-full", action="store_true", help="run only the --quick study")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-study.md"), help="markdown file")
+    parser.add_argument(
+        "--reports", nargs="+", metavar="NAME=FOLDER", help="write the page from these report folders instead"
+    )
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     hf_seconds, hooked_seconds = baseline_forward_seconds()
     results = {}
+    if args.reports:
+        for entry in args.reports:
+            name, _, folder = entry.rpartition("=")
+            if not name:
+                parser.error(f"--reports takes NAME=FOLDER, got {entry!r}")
+            data = json.loads((Path(folder) / "report.json").read_text())
+            results[name] = {"total": sum(data["timings"].values()), "report": data, "summary": summary_of(data)}
+        text = markdown(results, hf_seconds, hooked_seconds, load_before, from_reports=True)
+        args.output.write_text(text)
+        print(text)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         results["excise run --quick"] = run(True, args.k, Path(scratch) / "quick")
         if not args.skip_full:
             results["excise run"] = run(False, args.k, Path(scratch) / "full")
-    text = markdown(results, hf_seconds, hooked_seconds)
+    text = markdown(results, hf_seconds, hooked_seconds, load_before, from_reports=False)
     args.output.write_text(text)
     print(text)
 

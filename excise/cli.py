@@ -28,7 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--output", type=Path, default=Path("excise-report"), help="new report folder (default: %(default)s)"
     )
-    run.add_argument("-k", "--k", type=int, default=300, help="number of sites to ablate (default: %(default)s)")
+    run.add_argument("-k", "--k", type=int, default=200, help="number of sites to ablate (default: %(default)s)")
+    run.add_argument(
+        "--retain-weight",
+        type=float,
+        default=2.0,
+        help="rank sites by forget - w * |retain| effect (default: %(default)s; 0 ranks by the forget effect)",
+    )
+    run.add_argument(
+        "--keep-massive",
+        action="store_true",
+        help="allow ablating massive-activation neurons (by default they are left out; their scores are unreliable)",
+    )
     run.add_argument("--kind", choices=["neuron", "head"], default="neuron", help="kind of site (default: %(default)s)")
     run.add_argument(
         "--ablation",
@@ -42,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="use fewer facts and a shorter relearning attack")
     run.add_argument(
         "--all-facts", action="store_true", help="keep facts the model does not know (default: known only)"
+    )
+    run.add_argument(
+        "--known",
+        type=Path,
+        help="record from `excise known` that says which facts count as known (default: rank them with this model)",
     )
     run.add_argument("--relearn-steps", type=int, help="finetuning steps of the relearning attack")
     run.add_argument("--relearn-lr", type=float, help="Adam learning rate of the relearning attack")
@@ -104,11 +120,14 @@ def _run(args: argparse.Namespace) -> int:
         domain=args.domain,
         output=args.output,
         k=args.k,
+        retain_weight=args.retain_weight,
+        exclude_massive=not args.keep_massive,
         kind=args.kind,
         ablation=args.ablation,
         seed=args.seed,
         quick=args.quick,
         known_only=not args.all_facts,
+        known=args.known,
         relearn=relearn,
         suite=args.suite,
         batch_size=args.batch_size,

@@ -6,8 +6,11 @@ A study
    forgotten);
 2. splits the known facts of each set in two halves at random: sites are located on one half and every effect is
    measured on the other, so the reported forgetting generalises beyond the facts used to find the sites;
-3. scores every MLP neuron by attribution patching, ranked by selectivity (forget effect minus retain effect);
-4. ablates the top ``k`` neurons in a copy of the weights;
+3. scores every MLP neuron by attribution patching, ranked by a cautious selectivity: the forget effect minus
+   twice the size of the retain effect, so that sites predicted to matter for the kept facts in either direction
+   rank low (:meth:`~excise.locate.attribution.Attribution.cautious`);
+4. ablates the top ``k`` neurons in a copy of the weights, leaving out the massive-activation neurons that hold
+   up the first token's attention sink (:mod:`excise.locate.outliers`), whose first-order scores cannot be trusted;
 5. measures forget, neighbour and retain accuracy before and after, the trade-off over smaller and larger ``k``,
    and a finetuning relearning attack on the edited and the original model under the same budget;
 6. writes ``report.json``, ``report.html``, the saved edit and the scores to a new folder.
@@ -30,7 +33,10 @@ from transformer_lens import HookedTransformer
 from excise.data.facts import FACT_SETS, Domain, split_facts
 from excise.edit.ablation import AblationValue, ablate
 from excise.io import atomic_folder
+from excise.locate.attribution import Attribution
 from excise.locate.attribution_patching import attribution_patching
+from excise.locate.outliers import massive_activation_neurons
+from excise.sites import Site
 from excise.verify.accuracy import FactScores, score_facts
 from excise.verify.relearn import RelearnSettings, relearn
 from excise.verify.report import Report
@@ -54,11 +60,18 @@ class StudyConfig:
         domain: Name of a bundled domain, or the path of a JSON Lines domain file.
         output: Report folder; must not exist or be empty.
         k: Number of sites to ablate.
+        retain_weight: Sites are ranked by ``forget - retain_weight * |retain|`` (see
+            :meth:`excise.locate.attribution.Attribution.cautious`); 0 ranks by the forget effect alone.
+        exclude_massive: Never ablate the massive-activation neurons of
+            :func:`excise.locate.outliers.massive_activation_neurons`, whose scores are not to be trusted.
         kind: ``"neuron"`` (MLP neurons) or ``"head"`` (attention heads).
         ablation: ``"zero"``, or ``"mean"`` over the retain prompts of the locate split.
         seed: Seed of the fact splits and of the relearning attack's data order.
         quick: Use at most :data:`QUICK_LIMITS` facts per set and a shorter relearning attack.
         known_only: Keep only the facts the original model ranks correctly.
+        known: A record written by ``excise known`` (:func:`excise.data.known.record_known`) that says which facts
+            count as known, instead of this model's own ranking; e.g. the original model's record when the model
+            studied is already edited. Implies ``known_only``.
         relearn: The relearning attacker's budget; ``None`` picks the default (shorter with ``quick``).
         sweep: Values of k for the trade-off curve; ``None`` picks fractions and multiples of ``k``.
         suite: Budget of the full verify suite (:func:`excise.verify.suite.run_suite`) run on the held-out facts
@@ -70,12 +83,15 @@ class StudyConfig:
     model: str = "smollm2-135m-instruct"
     domain: str = "chemistry"
     output: Path = Path("excise-report")
-    k: int = 300
+    k: int = 200
+    retain_weight: float = 2.0
+    exclude_massive: bool = True
     kind: SiteKindOption = "neuron"
     ablation: AblationValue = "zero"
     seed: int = 0
     quick: bool = False
     known_only: bool = True
+    known: Path | None = None
     relearn: RelearnSettings | None = None
     sweep: tuple[int, ...] | None = None
     suite: SuiteOption | None = None
@@ -88,6 +104,8 @@ class StudyConfig:
             raise ValueError(f"ablation must be 'zero' or 'mean', got {self.ablation!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.retain_weight < 0:
+            raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.suite is not None and self.suite not in SUITE_OPTIONS:
@@ -139,6 +157,10 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
     timings: dict[str, float] = {}
     with _timed(timings, "load"):
         domain = load_study_domain(config.domain)
+        if config.known is not None:
+            from excise.data.known import load_known
+
+            load_known(config.known, domain)  # a bad record fails here, before the model is loaded
         if model is None:
             from excise.models import load
 
@@ -148,14 +170,24 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
         domain = domain.limit(QUICK_LIMITS["forget"], QUICK_LIMITS["neighbour"], QUICK_LIMITS["retain"])
 
     with _timed(timings, "score_before"):
-        all_scores = _score_all(model, domain, config)
-        domain, coverage = _known_subset(domain, all_scores) if config.known_only else (domain, {})
+        if config.known is not None:
+            domain, coverage = _recorded_subset(domain, config.known)
+            all_scores = _score_all(model, domain, config)
+        else:
+            all_scores = _score_all(model, domain, config)
+            domain, coverage = _known_subset(domain, all_scores) if config.known_only else (domain, {})
     locate_domain, eval_domain = _split_domain(domain, config.seed)
     logger.info("locating on %r, measuring on %r", locate_domain, eval_domain)
 
     with _timed(timings, "locate"):
-        attribution = attribution_patching(model, locate_domain, kind=config.kind, batch_size=config.batch_size)
-        sites = attribution.top(config.k)
+        attribution = attribution_patching(
+            model, locate_domain, kind=config.kind, batch_size=config.batch_size
+        ).cautious(config.retain_weight)
+        excluded: list[Site] = []
+        if config.exclude_massive and config.kind == "neuron":
+            prompts = [fact.prompt for which in FACT_SETS for fact in locate_domain.facts(which)]
+            excluded = massive_activation_neurons(model, prompts, batch_size=config.batch_size)
+        sites = attribution.top(config.k, exclude=excluded)
 
     with _timed(timings, "edit"):
         reference = [f.prompt for f in locate_domain.retain] if config.ablation == "mean" else []
@@ -166,7 +198,7 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
         before = _restrict(all_scores, eval_domain)
         after = _score_sets(edited, eval_domain, config.batch_size, "after")
         locate_after = _score_sets(edited, locate_domain, config.batch_size, "after, locate split")
-        sweep = _sweep(model, attribution, eval_domain, config)
+        sweep = _sweep(model, attribution, excluded, eval_domain, config)
 
     with _timed(timings, "relearn"):
         relearn_entry = _relearn_attack(model, edited, eval_domain, config)
@@ -193,6 +225,7 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
             "kind": attribution.kind,
             "settings": attribution.settings,
             "top_sites": [site.label() for site in sites[:50]],
+            "excluded": [site.label() for site in excluded],
             "layer_totals": {
                 which: {str(k): float(v) for k, v in attribution.layer_totals(which).items()}
                 for which in attribution.set_scores
@@ -201,6 +234,8 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
         timings=timings,
         settings={
             "k": config.k,
+            "retain_weight": config.retain_weight,
+            "exclude_massive": config.exclude_massive,
             "kind": config.kind,
             "ablation": config.ablation,
             "seed": config.seed,
@@ -264,6 +299,25 @@ def _known_subset(domain: Domain, scores: dict[str, FactScores]) -> tuple[Domain
     return subset, coverage
 
 
+def _recorded_subset(domain: Domain, path: Path) -> tuple[Domain, dict[str, Any]]:
+    from excise.data.known import load_known
+
+    known = load_known(path, domain)
+    coverage: dict[str, Any] = {"record": str(path)}
+    for which in FACT_SETS:
+        ids = [fact.id for fact in domain.facts(which)]
+        if ids:
+            n_known = sum(known[fact_id] for fact_id in ids)
+            coverage[which] = {"known": n_known, "total": len(ids), "accuracy": n_known / len(ids)}
+    subset = domain.subset([fact_id for fact_id, is_known in known.items() if is_known])
+    if len(subset.forget) < 4:
+        raise ValueError(
+            f"{path} marks only {len(subset.forget)} forget facts of domain {domain.name!r} as known; a study needs "
+            "at least 4"
+        )
+    return subset, coverage
+
+
 def _restrict(scores: dict[str, FactScores], domain: Domain) -> dict[str, FactScores]:
     """The rows of ``scores`` for the facts of ``domain``, per set."""
     restricted = {}
@@ -292,17 +346,21 @@ def _score_sets(model: HookedTransformer, domain: Domain, batch_size: int, label
     }
 
 
-def _sweep(model: HookedTransformer, attribution: Any, domain: Domain, config: StudyConfig) -> dict[str, Any]:
+def _sweep(
+    model: HookedTransformer, attribution: Attribution, excluded: list[Site], domain: Domain, config: StudyConfig
+) -> dict[str, Any]:
     """Accuracy per set for several k, with the ablation run as hooks on the original model."""
     if config.quick:
         default = (config.k // 4, config.k, 4 * config.k)
     else:
         default = (config.k // 8, config.k // 4, config.k // 2, config.k, 2 * config.k, 4 * config.k)
-    values = tuple(sorted({k for k in (config.sweep or default) if 1 <= k <= attribution.n_sites}))
+    available = attribution.n_sites - len(set(excluded))
+    values = tuple(sorted({k for k in (config.sweep or default) if 1 <= k <= available}))
     accuracy: dict[str, list[float]] = {which: [] for which in FACT_SETS if domain.facts(which)}
     reference = [f.prompt for f in domain.retain] if config.ablation == "mean" else []
     for k in values:
-        edit = ablate(model, attribution.top(k), config.ablation, reference=reference, batch_size=config.batch_size)
+        sites = attribution.top(k, exclude=excluded)
+        edit = ablate(model, sites, config.ablation, reference=reference, batch_size=config.batch_size)
         with edit.hooks(model):
             for which, scores in _score_sets(model, domain, config.batch_size, f"k={k}").items():
                 accuracy[which].append(scores.accuracy)

@@ -179,3 +179,16 @@ def test_corpora_are_short_paragraphs(domain: Domain) -> None:
     lab_words = [*ELEMENT_WORDS, *CHEMISTRY_WORDS, "acids", "reactions", "distillation"]
     off_topic = [text for text in domain.forget_corpus if not any(_word_in(word, text) for word in lab_words)]
     assert not off_topic
+
+
+def test_known_record_covers_bundled_domain() -> None:
+    from pathlib import Path
+
+    import excise.data
+    from excise.data.known import load_known
+
+    domain = bundled_domain("chemistry")
+    path = Path(excise.data.__file__).parent / "domains" / "chemistry.known.smollm2-135m-instruct.json"
+    known = load_known(path, domain)
+    assert len(known) == len(domain.forget) + len(domain.neighbour) + len(domain.retain)
+    assert sum(known[fact.id] for fact in domain.forget) >= 100

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -50,6 +51,8 @@ def test_study_writes_report_folder(tmp_path, domain_file):
     assert set(data["timings"]) >= {"load", "score_before", "locate", "edit", "verify", "relearn"}
     assert data["extra"]["sweep"]["k"] == [2, 8]
     assert report.edit["k"] == 8
+    assert data["locate"]["settings"]["ranking"] == "forget - 2 * |retain|"
+    assert data["locate"]["excluded"] == []  # the toy model has no massive activations
     assert "<script" in (folder / "report.html").read_text()
 
     edit = load_edit(folder / "edit")
@@ -94,3 +97,48 @@ def test_study_with_verify_suite(tmp_path, domain_file):
     assert "relearn" in data["attacks"]
     assert len(data["attacks"]) > 1
     assert set(report.verify) == set(data["verify"])
+
+
+def test_known_record_round_trip_and_checks(tmp_path):
+    from excise.data.known import load_known, record_known
+
+    domain = toy_domain()
+    path = record_known(toy_model(), domain, tmp_path / "known.json", model_name="toy")
+    known = load_known(path, domain)
+    assert set(known) == {fact.id for which in ("forget", "neighbour", "retain") for fact in domain.facts(which)}
+    data = json.loads(path.read_text())
+    assert data["model"] == "toy" and data["domain"] == domain.name
+
+    other = dataclasses.replace(domain, name="other")
+    with pytest.raises(ValueError, match="records domain"):
+        load_known(path, other)
+    data["known"].pop(domain.forget[0].id)
+    (tmp_path / "partial.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="has no entry for 1 facts"):
+        load_known(tmp_path / "partial.json", domain)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read known-facts record"):
+        load_known(tmp_path / "broken.json")
+
+
+def test_study_uses_a_known_record(tmp_path, domain_file):
+    from excise.data.jsonl import load_domain_file
+
+    domain = load_domain_file(domain_file)
+    # Mark all but the first forget fact as known, whatever the model ranks.
+    ids = [fact.id for which in ("forget", "neighbour", "retain") for fact in domain.facts(which)]
+    record = {"model": "someone else", "domain": domain.name, "known": {i: i != domain.forget[0].id for i in ids}}
+    (tmp_path / "known.json").write_text(json.dumps(record))
+    report = run_study(
+        _config(domain_file, tmp_path / "out", known=tmp_path / "known.json", sweep=(2,)), model=toy_model()
+    )
+    n_eval = report.settings["n_facts"]["eval"]
+    n_locate = report.settings["n_facts"]["locate"]
+    assert n_eval["forget"] + n_locate["forget"] == len(domain.forget) - 1
+    assert report.extra["coverage"]["forget"]["known"] == len(domain.forget) - 1
+
+    record["domain"] = "another"
+    (tmp_path / "wrong.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="records domain 'another'"):
+        run_study(_config(domain_file, tmp_path / "out2", known=tmp_path / "wrong.json"), model=toy_model())
+    assert not (tmp_path / "out2").exists()

@@ -28,9 +28,32 @@ def record_known(model: HookedTransformer, domain: Domain, path: str | Path, *, 
     return Path(path)
 
 
-def load_known(path: str | Path) -> dict[str, bool]:
-    """Read a record written by :func:`record_known`; return fact id to known."""
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or "known" not in data:
+def load_known(path: str | Path, domain: Domain | None = None) -> dict[str, bool]:
+    """Read a record written by :func:`record_known`; return fact id to known.
+
+    Args:
+        path: The JSON record.
+        domain: When given, the record must be for this domain (same name) and cover every one of its facts.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read known-facts record {path}: {error}; write one with `excise known`") from error
+    if not isinstance(data, dict) or not isinstance(data.get("known"), dict):
         raise ValueError(f"{path} is not a known-facts record; write one with `excise known`")
-    return {str(key): bool(value) for key, value in data["known"].items()}
+    known = {str(key): bool(value) for key, value in data["known"].items()}
+    if domain is not None:
+        if data.get("domain") != domain.name:
+            raise ValueError(
+                f"{path} records domain {data.get('domain')!r}, not {domain.name!r}; record this domain with "
+                f"`excise known --domain ... --output FILE`"
+            )
+        missing = [fact.id for which in FACT_SETS for fact in domain.facts(which) if fact.id not in known]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(
+                f"{path} has no entry for {len(missing)} facts of domain {domain.name!r} ({shown}); the domain "
+                "changed since the record was written, so record it again with `excise known`"
+            )
+    return known

@@ -4,7 +4,8 @@ Methods (one module each): :mod:`~excise.locate.activation_patching` (measured a
 :mod:`~excise.locate.attribution_patching` (gradient estimate), :mod:`~excise.locate.integrated_gradients`,
 :mod:`~excise.locate.causal_tracing` (ROME-style corrupt-and-restore), :mod:`~excise.locate.circuits` (EAP and
 EAP-IG edge scores), :mod:`~excise.locate.sae` (SAE features as sites), and :mod:`~excise.locate.validate`
-(estimates against measured effects). :mod:`~excise.locate.planted` builds tiny models whose knowledge sites are
+(estimates against measured effects). :mod:`~excise.locate.outliers` finds the massive-activation neurons
+whose first-order scores cannot be trusted. :mod:`~excise.locate.planted` builds tiny models whose knowledge sites are
 known by construction.
 """
 
@@ -15,6 +16,7 @@ from excise.locate.causal_tracing import CausalTrace, FactTrace, causal_tracing
 from excise.locate.circuits import Circuit, circuit_faithfulness, edge_attribution_patching, run_circuit
 from excise.locate.integrated_gradients import ig_completeness, integrated_gradients
 from excise.locate.metric import METRICS, Metric
+from excise.locate.outliers import massive_activation_neurons
 from excise.locate.planted import PlantedModel, planted_model
 from excise.locate.reference import REFERENCES, Reference
 from excise.locate.sae import (
@@ -52,6 +54,7 @@ __all__ = [
     "feature_frequencies",
     "ig_completeness",
     "integrated_gradients",
+    "massive_activation_neurons",
     "measure_hooks",
     "measure_sites",
     "planted_model",
