@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import sys
 import tempfile
 import time
@@ -93,7 +94,7 @@ def markdown(
     lines = [
         "# Benchmarks: the main job (`excise run`)",
         "",
-        f"Command: `python {' '.join(sys.argv)}`. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Command: `python {shlex.join(sys.argv)}`. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}. "
         f"Load average when the page was written: {load_before[0]:.1f} before, {load_after[0]:.1f} after.",
         "",
@@ -134,8 +135,9 @@ def markdown(
         for label, curve in curves.items():
             points = ", ".join(f"{s}: {a:.0%}" for s, a in zip(curve["steps"], curve["accuracy"], strict=True))
             lines.append(f"- {label}: {points}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    lines += ["", f"Peak resident memory of the benchmark process: {peak:.1f} GB.", ""]
+    if not from_reports:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        lines += ["", f"Peak resident memory of the benchmark process: {peak:.1f} GB.", ""]
     return "\n".join(lines)
 
 
@@ -158,7 +160,9 @@ def main() -> None:
             if not name:
                 parser.error(f"--reports takes NAME=FOLDER, got {entry!r}")
             data = json.loads((Path(folder) / "report.json").read_text())
-            results[name] = {"total": sum(data["timings"].values()), "report": data, "summary": summary_of(data)}
+            # Keys with a slash ("verify/probes") time the parts of a stage and are already in its total.
+            total = sum(seconds for stage, seconds in data["timings"].items() if "/" not in stage)
+            results[name] = {"total": total, "report": data, "summary": summary_of(data)}
         text = markdown(results, hf_seconds, hooked_seconds, load_before, from_reports=True)
         args.output.write_text(text)
         print(text)

@@ -75,8 +75,8 @@ class StudyConfig:
         relearn: The relearning attacker's budget; ``None`` picks the default (shorter with ``quick``).
         sweep: Values of k for the trade-off curve; ``None`` picks fractions and multiples of ``k``.
         suite: Budget of the full verify suite (:func:`excise.verify.suite.run_suite`) run on the held-out facts
-            after the relearning attack, or ``"none"`` to skip it; ``None`` picks ``"none"`` with ``quick`` and
-            ``"quick"`` otherwise.
+            after the relearning attack, or ``"none"`` to skip it (``None`` means ``"none"``). On the default model
+            on 2 CPU cores the ``"quick"`` suite adds about 15 minutes to a study (docs/benchmarks-study.md).
         batch_size: Sequences per forward pass.
     """
 
@@ -112,9 +112,7 @@ class StudyConfig:
             raise ValueError(f"suite must be one of {SUITE_OPTIONS}, got {self.suite!r}")
 
     def suite_budget(self) -> SuiteOption:
-        if self.suite is not None:
-            return self.suite
-        return "none" if self.quick else "quick"
+        return "none" if self.suite is None else self.suite
 
     def relearn_settings(self) -> RelearnSettings:
         if self.relearn is not None:
