@@ -2,8 +2,9 @@
 
 The estimating methods are attribution patching on neurons and on heads, and integrated gradients on neurons. For
 each, the top ``k`` sites by the ranking score and ``n_random`` others are ablated one at a time with batched
-activation patching. The estimate is then compared with the measured drop (:func:`excise.locate.validate.validate`). The page
-gets a table per method and fact set, and a scatter of estimate against measurement saved as HTML next to it.
+activation patching. The estimate is then compared with the measured drop (:func:`excise.locate.validate.validate`).
+The page gets a table per method and fact set, and a scatter of estimate against measurement saved as HTML next
+to it.
 
 Usage::
 
