@@ -136,8 +136,15 @@ def _organism_section(args: argparse.Namespace) -> str:
     organism = load_organism(args.seed, "planted")
     edit = ablate(organism.model, list(organism.planted_sites))
     start = time.perf_counter()
+    # The organism's vocabulary has only the world's words, so its own retain text serves as the benign text.
     result = run_suite(
-        edit, organism.domain, original=organism.model, twin=organism.twin, budget="quick", seed=args.seed
+        edit,
+        organism.domain,
+        original=organism.model,
+        twin=organism.twin,
+        budget="quick",
+        seed=args.seed,
+        generic_texts=list(organism.domain.retain_corpus),
     )
     title = f"quick (planted organism, {len(organism.planted_sites)} planted neurons ablated, with twin)"
     return _section(title, time.perf_counter() - start, result)

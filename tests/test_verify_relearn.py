@@ -71,6 +71,15 @@ def test_text_relearning_lowers_text_loss():
     assert full.method == "full" and full.trained_parameters == sum(p.numel() for p in model.parameters())
 
 
+def test_text_relearning_short_context():
+    # Chunks of max_tokens would overflow a context of 8 positions, so they are cut to the context.
+    model = toy_model(n_ctx=8, positional_embedding_type="standard")
+    texts = ["the symbol of gold is Au the capital of Peru is Lima the capital of Spain is Madrid"]
+    settings = RelearnSettings(steps=2, lr=1e-3, batch_size=1, eval_every=1, max_tokens=64)
+    curve = relearn_text(model, texts, toy_domain().forget[:2], settings)
+    assert len(curve.train_loss) == 2
+
+
 def test_settings_and_input_checks():
     with pytest.raises(ValueError, match="method"):
         RelearnSettings(method="adapter")  # type: ignore[arg-type]

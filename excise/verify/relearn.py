@@ -168,14 +168,17 @@ def relearn_text(
 ) -> RelearnCurve:
     """Finetune a copy of ``model`` on free text and record accuracy on ``eval_facts``.
 
-    Texts are tokenized in order and cut into chunks of at most ``settings.max_tokens`` tokens, up to the
+    Texts are tokenized in order and cut into chunks of at most ``settings.max_tokens`` tokens (fewer when the
+    model's context is shorter), up to the
     ``steps * batch_size`` chunks the attack can use. Each step trains on ``settings.batch_size`` chunks with the
     mean next-token loss over their real tokens. The caller decides what the text is: forget-domain text (does
     related text bring the facts back?) or benign text unrelated to the domain (does any finetuning undo the
     edit?). Text that states the held-out facts outright teaches them; compare with the twin under the same text.
     """
     # Tokenize only as many chunks as the attack can use, so a large corpus costs nothing extra.
-    chunks = _text_chunks(model, texts, settings.max_tokens, limit=settings.steps * settings.batch_size)
+    chunks = _text_chunks(
+        model, texts, min(settings.max_tokens, model.cfg.n_ctx), limit=settings.steps * settings.batch_size
+    )
     _check_eval(eval_facts)
     pad = pad_id_of(model)
 
