@@ -1,9 +1,9 @@
 """Benchmark the deep-forgetting suite on the default model and the bundled chemistry domain.
 
 The edit is the one ``excise run`` makes: a zero ablation of the top ``k`` MLP neurons by attribution patching,
-ranked by ``forget - 2 * |retain|`` with the massive-activation neurons left out, located on one half of the facts
-the model knows; the suite runs on the other half, so no measured fact was used to find
-the neurons. Each budget's wall time per check and its attack summary are written as Markdown.
+ranked by ``forget - 2 * |retain|`` with the massive-activation neurons left out. It is located on one half of the
+facts the model ranks correctly and the suite runs on the other half, so no measured fact was used to find the
+neurons. Each budget's wall time per check and its attack summary are written as Markdown.
 
 Usage::
 
@@ -130,7 +130,7 @@ def _section(budget: str, seconds: float, result) -> str:
 
 
 def _organism_section(args: argparse.Namespace) -> str:
-    """The quick suite on the planted organism with its planted neurons ablated, against the twin."""
+    """Run the quick suite on the planted organism with its planted neurons ablated, against the twin."""
     from excise.models import load_organism
 
     organism = load_organism(args.seed, "planted")
