@@ -13,8 +13,8 @@ facts, and the suite then measures whether those facts come back. The suite spli
 the attacker's half and the held-out half it measures.
 
 For some edit kinds the script tries a few settings (candidates), scores each on the verify facts, and attacks
-the one with the lowest forget accuracy (ties: the highest neighbour and retain accuracy); the page lists every
-candidate it tried.
+the one with the lowest forget accuracy. Ties go to the highest neighbour and retain accuracy. The page lists
+every candidate it tried.
 
 Usage::
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--known",
         type=Path,
-        help="record from `excise known` that says which facts count as known (default: rank them with this model)",
+        help="JSON record from `excise known` of the facts to treat as known (default: rank them with this model)",
     )
     run.add_argument("--relearn-steps", type=int, help="finetuning steps of the relearning attack")
     run.add_argument("--relearn-lr", type=float, help="Adam learning rate of the relearning attack")

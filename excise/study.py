@@ -155,10 +155,11 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
     timings: dict[str, float] = {}
     with _timed(timings, "load"):
         domain = load_study_domain(config.domain)
+        known: dict[str, bool] | None = None
         if config.known is not None:
             from excise.data.known import load_known
 
-            load_known(config.known, domain)  # a bad record fails here, before the model is loaded
+            known = load_known(config.known, domain)  # A bad record fails here, before the model is loaded.
         if model is None:
             from excise.models import load
 
@@ -168,8 +169,8 @@ def run_study(config: StudyConfig, model: HookedTransformer | None = None) -> Re
         domain = domain.limit(QUICK_LIMITS["forget"], QUICK_LIMITS["neighbour"], QUICK_LIMITS["retain"])
 
     with _timed(timings, "score_before"):
-        if config.known is not None:
-            domain, coverage = _recorded_subset(domain, config.known)
+        if known is not None:
+            domain, coverage = _recorded_subset(domain, known, config.known)
             all_scores = _score_all(model, domain, config)
         else:
             all_scores = _score_all(model, domain, config)
@@ -297,10 +298,7 @@ def _known_subset(domain: Domain, scores: dict[str, FactScores]) -> tuple[Domain
     return subset, coverage
 
 
-def _recorded_subset(domain: Domain, path: Path) -> tuple[Domain, dict[str, Any]]:
-    from excise.data.known import load_known
-
-    known = load_known(path, domain)
+def _recorded_subset(domain: Domain, known: dict[str, bool], path: Path | None) -> tuple[Domain, dict[str, Any]]:
     coverage: dict[str, Any] = {"record": str(path)}
     for which in FACT_SETS:
         ids = [fact.id for fact in domain.facts(which)]

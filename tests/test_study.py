@@ -107,7 +107,8 @@ def test_known_record_round_trip_and_checks(tmp_path):
     known = load_known(path, domain)
     assert set(known) == {fact.id for which in ("forget", "neighbour", "retain") for fact in domain.facts(which)}
     data = json.loads(path.read_text())
-    assert data["model"] == "toy" and data["domain"] == domain.name
+    assert data["model"] == "toy"
+    assert data["domain"] == domain.name
 
     other = dataclasses.replace(domain, name="other")
     with pytest.raises(ValueError, match="records domain"):

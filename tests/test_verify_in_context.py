@@ -58,13 +58,14 @@ def test_input_checks(model):
         in_context_attack(model, facts[8:], facts[:8], ks=(-1,))
 
 
-def test_ks_that_overflow_the_context_raise_or_are_skipped(model):
+def test_in_context_overflow_raises_or_skips(model):
     facts = trained_domain().forget
     model = copy.deepcopy(model)
     model.cfg.n_ctx = 24  # room for a question, not for 8 demonstrations before it
     with pytest.raises(ValueError, match="more than the model's context"):
         in_context_attack(model, facts[8:], facts[:8], ks=(0, 8))
     result = in_context_attack(model, facts[8:], facts[:8], ks=(0, 8), too_long="skip")
-    assert result.ks == [0] and result.skipped_ks == [8]
+    assert result.ks == [0]
+    assert result.skipped_ks == [8]
     with pytest.raises(ValueError, match="too_long must be"):
         in_context_attack(model, facts[8:], facts[:8], ks=(0,), too_long="truncate")  # type: ignore[arg-type]

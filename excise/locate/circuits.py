@@ -105,7 +105,7 @@ class Circuit:
         """Return a circuit whose scores are this one's minus ``kept``'s (scored on facts to keep, same model).
 
         Edges that every prompt relies on (for example a model's massive-activation pathway) score high on any fact
-        set; the difference keeps the edges specific to this circuit's facts.
+        set. The difference keeps the edges specific to this circuit's facts.
         """
         if kept.upstream != self.upstream or kept.downstream != self.downstream:
             raise ValueError("the two circuits were scored on models of different shapes; score both on one model")
