@@ -17,12 +17,16 @@ Warning:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +202,285 @@ def completion_logprobs(
     for rows, batch in iter_batches(model, prompts, completions, batch_size):
         results[rows] = batch.score(model).float().cpu()
     return results
+
+
+def position_wise(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a TransformerLens hook function and mark it as acting on each token position alone.
+
+    A position-wise hook gives the same output for a token whether the sequence runs in one pass or in pieces
+    that share a key/value cache, so :func:`choice_logprobs` may share prompt computation while it is active.
+    Every excise edit marks its hooks this way. A hook that indexes positions (patching position 5, say) must not
+    be marked.
+    """
+
+    def hook(activation: Any, hook: Any) -> Any:
+        return function(activation, hook=hook)
+
+    hook.excise_position_wise = True  # type: ignore[attr-defined]
+    return hook
+
+
+def only_position_wise_hooks(model: HookedTransformer) -> bool:
+    """Whether every forward hook active on ``model`` is marked by :func:`position_wise` (true with no hooks)."""
+    for hook_point in model.hook_dict.values():
+        for handle in hook_point.fwd_hooks:
+            if not getattr(handle.user_hook, "excise_position_wise", False):
+                return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceScores:
+    """Summed log-probabilities of each prompt's choices, and where its first choice's first token ranks.
+
+    Attributes:
+        logprobs: Per prompt, the summed log-probability (nats) of each of its choices after it.
+        first_vocab_rank: Per prompt, the number of tokens with a strictly higher logit than the first token of
+            its first choice (0 = the greedy next token).
+        first_vocab_logprob: Per prompt, the log-probability of that token.
+    """
+
+    logprobs: list[np.ndarray]
+    first_vocab_rank: np.ndarray
+    first_vocab_logprob: np.ndarray
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    choices: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 32,
+    share_prompts: bool | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> ChoiceScores:
+    """Score every choice of every prompt by its summed log-probability after the prompt.
+
+    With ``share_prompts`` each prompt runs once and its choices continue from its key/value cache, and the
+    token prefix that all prompts share (a chat template's system turn, say) runs once for the whole call.
+    Without it, every ``prompt + choice`` pair runs as a full sequence. Both give the same numbers up to float
+    rounding. The default shares prompts unless a forward hook not marked by :func:`position_wise` is active,
+    since a hook that indexes positions would see the choice tokens at the wrong offsets.
+
+    Args:
+        model: Any HookedTransformer with a tokenizer.
+        prompts: The prompts.
+        choices: Per prompt, at least one completion; the first is the one whose vocabulary rank is reported.
+        batch_size: Prompts per forward pass (choice continuations run up to twice as many rows).
+        share_prompts: Share prompt computation across choices; None decides from the active hooks.
+        progress: Called with the number of prompts done after each batch, e.g. a tqdm bar's ``update``.
+    """
+    if len(prompts) != len(choices):
+        raise ValueError(f"got {len(prompts)} prompts but {len(choices)} choice lists; pass one list per prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompt_ids = [tokenize_prompt(model, prompt) for prompt in prompts]
+    choice_ids = []
+    for prompt, ids, options in zip(prompts, prompt_ids, choices, strict=True):
+        if not options:
+            raise ValueError(f"prompt {prompt!r} has no choices; give it at least one completion")
+        tokens = [tokenize_completion(model, option) for option in options]
+        width = len(ids) + max(len(t) for t in tokens)
+        if width > model.cfg.n_ctx:
+            raise ValueError(
+                f"prompt {prompt!r} with its longest choice is {width} tokens, longer than the model's context "
+                f"of {model.cfg.n_ctx}; shorten it"
+            )
+        choice_ids.append(tokens)
+    if share_prompts is None:
+        share_prompts = only_position_wise_hooks(model)
+    scorer = _SharedPromptScorer(model, prompt_ids) if share_prompts else _FullSequenceScorer(model)
+    logprobs: list[np.ndarray] = []
+    ranks: list[np.ndarray] = []
+    firsts: list[np.ndarray] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = range(start, min(start + batch_size, len(prompts)))
+        chunk_scores, chunk_ranks, chunk_firsts = scorer.score(
+            [prompt_ids[i] for i in rows], [choice_ids[i] for i in rows], 2 * batch_size
+        )
+        logprobs.extend(chunk_scores)
+        ranks.append(chunk_ranks)
+        firsts.append(chunk_firsts)
+        if progress is not None:
+            progress(len(rows))
+    return ChoiceScores(
+        logprobs=logprobs,
+        first_vocab_rank=np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64),
+        first_vocab_logprob=np.concatenate(firsts) if firsts else np.zeros(0),
+    )
+
+
+_Scored = tuple[list[np.ndarray], np.ndarray, np.ndarray]
+
+
+def _unembed(model: HookedTransformer, residual: Tensor) -> Tensor:
+    if model.cfg.normalization_type is not None:
+        residual = model.ln_final(residual)
+    return model.unembed(residual).float()
+
+
+def _first_token_stats(log_probs: Tensor, first_ids: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Vocabulary rank and log-probability of ``first_ids`` under each row of ``log_probs``."""
+    chosen = log_probs.gather(-1, first_ids.unsqueeze(-1))
+    return (log_probs > chosen).sum(-1).cpu().numpy(), chosen.squeeze(-1).cpu().numpy()
+
+
+class _FullSequenceScorer:
+    """Runs each ``prompt + choice`` as its own right-padded row; only single-token choices share a row."""
+
+    def __init__(self, model: HookedTransformer) -> None:
+        self.model = model
+
+    def score(self, prompts: list[list[int]], choices: list[list[list[int]]], max_rows: int) -> _Scored:
+        model, device = self.model, self.model.cfg.device
+        # Row per prompt for its first choice (all of its choices when they are single tokens), then one row per
+        # further choice that spans several tokens.
+        pairs = [(i, 0) for i in range(len(prompts))]
+        pairs += [
+            (i, j)
+            for i, options in enumerate(choices)
+            if any(len(t) > 1 for t in options)
+            for j in range(1, len(options))
+        ]
+        totals: dict[tuple[int, int], float] = {}
+        first_rows: dict[int, Tensor] = {}
+        for start in range(0, len(pairs), max_rows):
+            part = pairs[start : start + max_rows]
+            batch = _pad_rows(model, [prompts[i] for i, _ in part], [choices[i][j] for i, j in part])
+            residual = model(batch.tokens, stop_at_layer=model.cfg.n_layers)
+            positions, valid = batch.completion_positions()
+            rows = torch.arange(len(part), device=device).unsqueeze(1)
+            log_probs = _unembed(model, residual[rows, positions]).log_softmax(-1)
+            targets = batch.tokens.gather(1, (positions + 1).clamp(max=batch.tokens.shape[1] - 1))
+            token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid
+            for row, (i, j) in enumerate(part):
+                totals[(i, j)] = float(token_lp[row].sum())
+                if j == 0:
+                    first_rows[i] = log_probs[row, 0]
+        scores = []
+        for i, options in enumerate(choices):
+            if all(len(t) == 1 for t in options):
+                ids = torch.tensor([t[0] for t in options], device=device)
+                scores.append(first_rows[i][ids].cpu().numpy().astype(np.float64))
+            else:
+                scores.append(np.array([totals[(i, j)] for j in range(len(options))]))
+        stacked = torch.stack([first_rows[i] for i in range(len(prompts))])
+        first_ids = torch.tensor([options[0][0] for options in choices], device=device)
+        ranks, firsts = _first_token_stats(stacked, first_ids)
+        return scores, ranks, firsts
+
+
+class PromptRunner:
+    """Runs batches of prompts into key/value caches, computing the token prefix they all share only once.
+
+    Prompts of different lengths share a batch: they are right-padded and the padding is masked out, so tokens
+    appended later through the cache get the positions they would have right after each prompt. Made for a fixed
+    set of prompts (all that one call scores or continues); each batch passed to :meth:`run` must come from it.
+    """
+
+    def __init__(self, model: HookedTransformer, all_prompts: Sequence[list[int]]) -> None:
+        self.model = model
+        self.prefix_length = _common_prefix_length(all_prompts) if all_prompts else 0
+        self.prefix: TransformerLensKeyValueCache | None = None
+        if self.prefix_length > 0:
+            self.prefix = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+            tokens = torch.tensor([all_prompts[0][: self.prefix_length]], device=model.cfg.device)
+            mask = torch.ones_like(tokens)
+            model(tokens, past_kv_cache=self.prefix, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
+
+    def run(self, prompts: Sequence[list[int]]) -> tuple[TransformerLensKeyValueCache, Tensor]:
+        """Run ``prompts``; return their cache and the next-token logits (float32) after each prompt."""
+        model, device = self.model, self.model.cfg.device
+        n = len(prompts)
+        if self.prefix is None:
+            cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
+        else:
+            cache = _select_rows(self.prefix, torch.zeros(n, dtype=torch.long, device=device))
+        suffixes = [ids[self.prefix_length :] for ids in prompts]
+        tokens, mask = _right_pad(model, suffixes)
+        residual = model(tokens, past_kv_cache=cache, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
+        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
+        return cache, _unembed(model, residual[torch.arange(n, device=device), last])
+
+
+class _SharedPromptScorer:
+    """Runs each prompt once (see :class:`PromptRunner`) and each longer choice from its prompt's cache."""
+
+    def __init__(self, model: HookedTransformer, all_prompts: Sequence[list[int]]) -> None:
+        self.model = model
+        self.runner = PromptRunner(model, all_prompts)
+
+    def score(self, prompts: list[list[int]], choices: list[list[list[int]]], max_rows: int) -> _Scored:
+        model, device = self.model, self.model.cfg.device
+        cache, first_logits = self.runner.run(prompts)
+        first_log_probs = first_logits.log_softmax(-1)
+
+        scores = [
+            first_log_probs[i, torch.tensor([t[0] for t in options], device=device)].cpu().numpy().astype(np.float64)
+            for i, options in enumerate(choices)
+        ]
+        # Choices of two or more tokens continue from their prompt's cache; their first token is scored above.
+        longer = [(i, j) for i, options in enumerate(choices) for j, t in enumerate(options) if len(t) > 1]
+        cache.freeze()
+        for start in range(0, len(longer), max_rows):
+            part = longer[start : start + max_rows]
+            rows = torch.tensor([i for i, _ in part], device=device)
+            continuation = _select_rows(cache, rows)
+            continuation.freeze()
+            inputs, input_mask = _right_pad(model, [choices[i][j][:-1] for i, j in part])
+            residual = model(
+                inputs, past_kv_cache=continuation, attention_mask=input_mask, stop_at_layer=model.cfg.n_layers
+            )
+            log_probs = _unembed(model, residual).log_softmax(-1)
+            targets, valid = _right_pad(model, [choices[i][j][1:] for i, j in part])
+            token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid
+            for row, (i, j) in enumerate(part):
+                scores[i][j] += float(token_lp[row].sum())
+        first_ids = torch.tensor([options[0][0] for options in choices], device=device)
+        ranks, firsts = _first_token_stats(first_log_probs, first_ids)
+        return scores, ranks, firsts
+
+
+def _common_prefix_length(sequences: Sequence[list[int]]) -> int:
+    """Length of the token prefix shared by every sequence, leaving at least one token of the shortest."""
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+def _right_pad(model: HookedTransformer, rows: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids and a mask that is 1 on real tokens."""
+    width = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), width), _pad_id(model), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        tokens[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[index, : len(row)] = 1
+    return tokens.to(model.cfg.device), mask.to(model.cfg.device)
+
+
+def _pad_rows(
+    model: HookedTransformer, prompts: Sequence[list[int]], completions: Sequence[list[int]]
+) -> CompletionBatch:
+    tokens, _ = _right_pad(model, [p + c for p, c in zip(prompts, completions, strict=True)])
+    device = model.cfg.device
+    return CompletionBatch(
+        tokens=tokens,
+        prompt_lengths=torch.tensor([len(p) for p in prompts], device=device),
+        completion_lengths=torch.tensor([len(c) for c in completions], device=device),
+    )
+
+
+def _select_rows(cache: TransformerLensKeyValueCache, rows: Tensor) -> TransformerLensKeyValueCache:
+    """Return a new cache that holds the given batch rows of ``cache`` (a row may repeat)."""
+    entries = [
+        TransformerLensKeyValueCacheEntry(entry.past_keys[rows], entry.past_values[rows]) for entry in cache.entries
+    ]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[rows])
 
 
 def _tokenizer(model: HookedTransformer):

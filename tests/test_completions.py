@@ -1,7 +1,17 @@
+import numpy as np
 import pytest
 import torch
 
-from excise.completions import completion_logprobs, make_batch, make_text_batch
+from excise.completions import (
+    choice_logprobs,
+    completion_logprobs,
+    make_batch,
+    make_text_batch,
+    only_position_wise_hooks,
+    position_wise,
+    tokenize_completion,
+    tokenize_prompt,
+)
 from tests.helpers import toy_model
 
 
@@ -71,3 +81,80 @@ def test_score_matches_full_logits(model):
     torch.testing.assert_close(batch.score(model), expected, atol=1e-5, rtol=0)
     first = batch.completion_logits(model)[:, 0]
     torch.testing.assert_close(first, batch.first_token_logits(model(batch.tokens)), atol=1e-5, rtol=0)
+
+
+PROMPTS = [
+    "the symbol of gold is",
+    "the symbol of iron is",
+    "the symbol of silver is",
+    "the capital of France is",
+    "the colour of grass is",
+]
+CHOICES = [
+    [" Au", " Ag", " Fe"],
+    [" Fe Fe", " Au", " Ag Ag Ag"],
+    [" Ag", " Au Au", " Fe"],
+    [" Paris", " Rome", " Lima"],
+    [" green green", " blue", " white white"],
+]
+
+
+def _pairwise(model, prompts, choices):
+    return [completion_logprobs(model, [p] * len(c), list(c)).numpy() for p, c in zip(prompts, choices, strict=True)]
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+@pytest.mark.parametrize("positions", ["rotary", "standard"])
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_choice_logprobs_match_full_sequences(share_prompts, positions, batch_size):
+    model = toy_model(positional_embedding_type=positions)
+    scored = choice_logprobs(model, PROMPTS, CHOICES, batch_size=batch_size, share_prompts=share_prompts)
+    for got, expected in zip(scored.logprobs, _pairwise(model, PROMPTS, CHOICES), strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    for row, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenize_prompt(model, prompt)]))[0, -1]
+        first = tokenize_completion(model, CHOICES[row][0])[0]
+        assert scored.first_vocab_rank[row] == int((logits > logits[first]).sum())
+        assert scored.first_vocab_logprob[row] == pytest.approx(float(logits.log_softmax(-1)[first]), abs=1e-5)
+
+
+def test_shared_prefix_runs_once(model):
+    # Prompts that share "the symbol of" run that prefix once; the numbers stay those of full sequences.
+    prompts, choices = PROMPTS[:3], CHOICES[:3]
+    calls = []
+    with model.hooks(fwd_hooks=[("hook_embed", position_wise(lambda x, hook: calls.append(x.shape[1])))]):
+        scored = choice_logprobs(model, prompts, choices, batch_size=8)
+    assert calls[0] == len(tokenize_prompt(model, "the symbol of"))
+    for got, expected in zip(scored.logprobs, _pairwise(model, prompts, choices), strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_position_indexing_hook_disables_sharing(model):
+    def zero_position_two(activation, hook):
+        activation[:, 2] = 0.0
+        return activation
+
+    assert only_position_wise_hooks(model)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", zero_position_two)]):
+        assert not only_position_wise_hooks(model)
+        auto = choice_logprobs(model, PROMPTS, CHOICES)
+        expected = _pairwise(model, PROMPTS, CHOICES)
+    for got, want in zip(auto.logprobs, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", position_wise(lambda x, hook: x * 0.5))]):
+        assert only_position_wise_hooks(model)
+
+
+def test_choice_logprobs_rejects_bad_input(model):
+    with pytest.raises(ValueError, match="no choices"):
+        choice_logprobs(model, ["the symbol of gold is"], [[]])
+    with pytest.raises(ValueError, match="choice lists"):
+        choice_logprobs(model, ["the symbol of gold is"], [])
+    with pytest.raises(ValueError, match="batch_size"):
+        choice_logprobs(model, PROMPTS, CHOICES, batch_size=0)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        choice_logprobs(model, ["the symbol of gold is " * 40], [[" Au"]])
+    empty = choice_logprobs(model, [], [])
+    assert empty.logprobs == []
+    assert len(empty.first_vocab_rank) == 0

@@ -13,7 +13,6 @@ from excise.verify.behaviour import (
     generation_scores,
     measure_behaviour,
     perplexity,
-    vocab_ranks,
 )
 from excise.verify.suite import with_hooks
 from tests.helpers import toy_model
@@ -57,9 +56,10 @@ def test_trained_model_states_its_facts(model):
     assert list(table["id"]) == [f.id for f in facts]
 
 
-def test_vocab_rank_is_zero_iff_target_is_argmax(model):
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_vocab_rank_counts_tokens_above_target(model, share_prompts):
     facts = trained_domain().all_facts()
-    table = vocab_ranks(model, facts)
+    table = score_facts(model, facts, share_prompts=share_prompts).table
     for fact, row in zip(facts, table.itertuples(), strict=True):
         logits = model(torch.tensor([tokenize_prompt(model, fact.prompt)]))[0, -1]
         target = model.tokenizer.encode(fact.target, add_special_tokens=False)[0]

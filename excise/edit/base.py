@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from excise.completions import position_wise
 from excise.io import atomic_folder
 
 FORMAT_VERSION = 1
@@ -110,7 +111,8 @@ class Edit(abc.ABC):
         if not self.supports_hooks:
             raise TypeError(f"a {self.kind} edit exists only in weight form; use edit.apply(model) instead of hooks")
         check_signature(self.signature, model)
-        with model.hooks(fwd_hooks=list(self.forward_hooks(model))):  # pyright: ignore[reportArgumentType]
+        hooks = [(name, position_wise(function)) for name, function in self.forward_hooks(model)]
+        with model.hooks(fwd_hooks=hooks):  # pyright: ignore[reportArgumentType]
             yield model
 
     def apply(self, model: HookedTransformer, *, inplace: bool = False) -> HookedTransformer:

@@ -4,8 +4,8 @@ A small model rarely states a fact in free generation, but its next-token distri
 knows it. For each fact the model scores the target and each distractor by summed log-probability after the
 prompt; the fact counts as known when the target ranks first. Chance is ``1 / n_choices``.
 
-Choices of one token are read from a single forward pass over the prompt. Facts with a multi-token choice score
-every ``prompt + choice`` sequence instead.
+Each prompt runs once. Choices of one token are read from its last position; longer choices continue from the
+prompt's key/value cache, and a prefix shared by all prompts (a chat template's system turn) runs once per call.
 
 NOTE: Summed log-probabilities favour short choices, so a multi-token target competes at a disadvantage with
 single-token distractors. Bundled facts keep choices of one type and similar length to limit that bias.
@@ -22,8 +22,21 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from excise.completions import make_batch, tokenize_completion
+from excise.completions import choice_logprobs
 from excise.data.facts import Fact
+
+SCORE_COLUMNS = (
+    "id",
+    "relation",
+    "target_logprob",
+    "best_distractor_logprob",
+    "margin",
+    "rank",
+    "n_choices",
+    "correct",
+    "vocab_rank",
+    "vocab_logprob",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +46,8 @@ class FactScores:
     Attributes:
         table: One row per fact with columns ``id``, ``relation``, ``target_logprob`` (nats),
             ``best_distractor_logprob``, ``margin`` (target minus best distractor), ``rank`` (0 = target first),
-            ``n_choices`` and ``correct``.
+            ``n_choices``, ``correct``, ``vocab_rank`` (tokens with a strictly higher logit than the target's first
+            token after the prompt, 0 = the greedy next token) and ``vocab_logprob`` (that token's log-probability).
     """
 
     table: pd.DataFrame
@@ -75,6 +89,7 @@ def score_facts(
     batch_size: int = 32,
     prompt_of: str = "prompt",
     description: str = "scoring facts",
+    share_prompts: bool | None = None,
 ) -> FactScores:
     """Score every fact by ranking its target among its distractors.
 
@@ -85,44 +100,27 @@ def score_facts(
         prompt_of: ``"prompt"`` to use each fact's prompt, or ``"paraphrase"`` to use its first paraphrase
             (facts without one are skipped).
         description: Label of the progress bar.
+        share_prompts: Run each prompt once and continue every choice from its key/value cache (see
+            :func:`excise.completions.choice_logprobs`). None shares unless a hook not marked position-wise is
+            active.
     """
     if prompt_of not in ("prompt", "paraphrase"):
         raise ValueError(f"prompt_of must be 'prompt' or 'paraphrase', got {prompt_of!r}")
     if prompt_of == "paraphrase":
         facts = [dataclasses.replace(f, prompt=f.paraphrases[0]) for f in facts if f.paraphrases]
 
-    choice_tokens = [[tokenize_completion(model, choice) for choice in fact.choices] for fact in facts]
-    single = [i for i, tokens in enumerate(choice_tokens) if all(len(t) == 1 for t in tokens)]
-    multi = [i for i, tokens in enumerate(choice_tokens) if any(len(t) > 1 for t in tokens)]
-    scores: list[np.ndarray | None] = [None] * len(facts)
-
-    n_batches = -(-len(single) // batch_size) + -(-sum(len(facts[i].choices) for i in multi) // batch_size)
-    with tqdm(total=n_batches, desc=description, leave=False, disable=n_batches < 2) as bar:
-        for start in range(0, len(single), batch_size):
-            chunk = single[start : start + batch_size]
-            batch = make_batch(model, [facts[i].prompt for i in chunk], [facts[i].target for i in chunk])
-            log_probs = batch.completion_logits(model)[:, 0].log_softmax(-1).float().cpu()
-            for row, index in enumerate(chunk):
-                ids = [tokens[0] for tokens in choice_tokens[index]]
-                scores[index] = log_probs[row, ids].numpy()
-            bar.update()
-
-        pairs = [(i, choice) for i in multi for choice in facts[i].choices]
-        flat = np.empty(len(pairs))
-        for start in range(0, len(pairs), batch_size):
-            chunk_pairs = pairs[start : start + batch_size]
-            batch = make_batch(model, [facts[i].prompt for i, _ in chunk_pairs], [c for _, c in chunk_pairs])
-            flat[start : start + len(chunk_pairs)] = batch.score(model).float().cpu()
-            bar.update()
-        offset = 0
-        for index in multi:
-            n = len(facts[index].choices)
-            scores[index] = flat[offset : offset + n]
-            offset += n
+    with tqdm(total=len(facts), desc=description, leave=False, disable=len(facts) <= batch_size) as bar:
+        scored = choice_logprobs(
+            model,
+            [fact.prompt for fact in facts],
+            [fact.choices for fact in facts],
+            batch_size=batch_size,
+            share_prompts=share_prompts,
+            progress=bar.update,
+        )
 
     rows = []
-    for fact, fact_scores in zip(facts, scores, strict=True):
-        assert fact_scores is not None  # every index is in single or multi
+    for index, (fact, fact_scores) in enumerate(zip(facts, scored.logprobs, strict=True)):
         target, distractors = float(fact_scores[0]), fact_scores[1:]
         rank = int((distractors >= target).sum())
         rows.append(
@@ -135,7 +133,8 @@ def score_facts(
                 "rank": rank,
                 "n_choices": len(fact.choices),
                 "correct": rank == 0,
+                "vocab_rank": int(scored.first_vocab_rank[index]),
+                "vocab_logprob": float(scored.first_vocab_logprob[index]),
             }
         )
-    columns = ["id", "relation", "target_logprob", "best_distractor_logprob", "margin", "rank", "n_choices", "correct"]
-    return FactScores(pd.DataFrame(rows, columns=columns))
+    return FactScores(pd.DataFrame(rows, columns=list(SCORE_COLUMNS)))

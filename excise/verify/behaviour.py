@@ -12,8 +12,8 @@ Three views of the same knowledge, from cheapest to most user-like:
    model sees.
 3. Perplexity on generic text, the usual check that an edit left the rest of the model's language intact.
 
-Generation groups prompts of equal token length and runs them with a key/value cache, so no padding is needed and
-hook-based edits see exactly the tokens a single prompt would.
+Generation runs prompts through a key/value cache, with the prefix they share (the chat template's system turn) run
+once; hook-based edits must act on each position alone, as every excise edit does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,11 +28,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from excise.completions import iter_batches, make_text_batch, tokenize_prompt
+from excise.completions import PromptRunner, make_text_batch, tokenize_prompt
 from excise.data.facts import Fact
-from excise.verify.accuracy import FactScores, score_facts
+from excise.verify.accuracy import SCORE_COLUMNS, FactScores, score_facts
 from excise.verify.formats import CHAT_INSTRUCTION, chat_prompt, has_chat_template
 
 
@@ -87,7 +85,7 @@ class Behaviour:
 
     def scores(self, which: str) -> FactScores:
         """The likelihood-ranking scores of one set, as :func:`score_facts` returns them."""
-        return FactScores(pd.DataFrame(self.tables[which], columns=list(_SCORE_COLUMNS)))
+        return FactScores(pd.DataFrame(self.tables[which], columns=list(SCORE_COLUMNS)))
 
     def summary(self) -> dict[str, dict[str, float | int]]:
         """Per set: the FactScores summary plus vocabulary-rank and generation figures; ``"generic_text"``."""
@@ -106,18 +104,6 @@ class Behaviour:
             result[which] = entry
         result["generic_text"] = {"perplexity": self.perplexity, "n_tokens": self.n_perplexity_tokens}
         return result
-
-
-_SCORE_COLUMNS = (
-    "id",
-    "relation",
-    "target_logprob",
-    "best_distractor_logprob",
-    "margin",
-    "rank",
-    "n_choices",
-    "correct",
-)
 
 
 def measure_behaviour(
@@ -141,9 +127,6 @@ def measure_behaviour(
     for which, facts in fact_sets.items():
         scores = score_facts(model, facts, batch_size=settings.batch_size, description=f"scoring {which} ({label})")
         table = scores.table.copy()
-        vocab = vocab_ranks(model, facts, batch_size=settings.batch_size)
-        table["vocab_rank"] = vocab["vocab_rank"].to_numpy()
-        table["vocab_logprob"] = vocab["vocab_logprob"].to_numpy()
         n_generate = len(facts) if settings.generation_facts is None else min(settings.generation_facts, len(facts))
         generation = generation_scores(
             model,
@@ -171,26 +154,6 @@ def measure_behaviour(
 
 
 @torch.no_grad()
-def vocab_ranks(model: HookedTransformer, facts: Sequence[Fact], *, batch_size: int = 32) -> pd.DataFrame:
-    """Rank and log-probability of each target's first token among the whole vocabulary after the prompt.
-
-    Returns a frame with columns ``id``, ``vocab_rank`` (number of tokens with a strictly higher logit, so 0 is
-    the greedy choice) and ``vocab_logprob`` (nats).
-    """
-    ranks = np.zeros(len(facts), dtype=np.int64)
-    logprobs = np.zeros(len(facts))
-    prompts = [fact.prompt for fact in facts]
-    targets = [fact.target for fact in facts]
-    for rows, batch in iter_batches(model, prompts, targets, batch_size):
-        logits = batch.first_token_logits(model(batch.tokens)).float()
-        first = batch.tokens[torch.arange(len(batch)), batch.prompt_lengths]
-        target_logits = logits.gather(-1, first.unsqueeze(-1))
-        ranks[rows] = (logits > target_logits).sum(-1).cpu().numpy()
-        logprobs[rows] = logits.log_softmax(-1).gather(-1, first.unsqueeze(-1)).squeeze(-1).cpu().numpy()
-    return pd.DataFrame({"id": [fact.id for fact in facts], "vocab_rank": ranks, "vocab_logprob": logprobs})
-
-
-@torch.no_grad()
 def generate_greedy(
     model: HookedTransformer,
     prompts: Sequence[str],
@@ -201,8 +164,9 @@ def generate_greedy(
 ) -> list[str]:
     """Continue each prompt greedily by ``max_new_tokens`` tokens and return the decoded continuations.
 
-    Prompts are grouped by token length and run with a key/value cache, so rows never need padding. A
-    continuation is cut at the first end-of-sequence token. Generation stops early at the model's context size.
+    Prompts run in batches through a key/value cache, right-padded with the padding masked out, and the prefix
+    they all share runs once (:class:`excise.completions.PromptRunner`). A continuation is cut at the first
+    end-of-sequence token. Generation stops early when the batch's longest prompt reaches the model's context size.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -212,43 +176,32 @@ def generate_greedy(
     if tokenizer is None:
         raise ValueError("the model has no tokenizer; build it with one or call model.set_tokenizer(...)")
     encoded = [tokenize_prompt(model, prompt) for prompt in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, ids in enumerate(encoded):
-        by_length[len(ids)].append(index)
-    chunks = [
-        indices[start : start + batch_size]
-        for _, indices in sorted(by_length.items())
-        for start in range(0, len(indices), batch_size)
-    ]
+    for prompt, ids in zip(prompts, encoded, strict=True):
+        if len(ids) >= model.cfg.n_ctx:
+            raise ValueError(
+                f"prompt {prompt!r} is {len(ids)} tokens, which fills the model's context of {model.cfg.n_ctx}; "
+                "shorten it"
+            )
+    runner = PromptRunner(model, encoded)
     outputs: list[str] = [""] * len(prompts)
     eos = tokenizer.eos_token_id
-    device = model.cfg.device
-    for chunk in tqdm(chunks, desc=description, leave=False, disable=len(chunks) < 2):
-        length = len(encoded[chunk[0]])
-        n_new = min(max_new_tokens, model.cfg.n_ctx - length)
-        if n_new < 1:
-            raise ValueError(
-                f"prompt {prompts[chunk[0]]!r} is {length} tokens, which fills the model's context of "
-                f"{model.cfg.n_ctx}; shorten it"
-            )
-        tokens = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(chunk))
-        # An explicit all-ones mask: TransformerLens would otherwise infer padding from pad-token ids, which
-        # chat templates use inside the prompt when the pad token is the end-of-turn token.
-        logits = model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=description, leave=False, disable=len(starts) < 2):
+        chunk = encoded[start : start + batch_size]
+        n_new = min(max_new_tokens, model.cfg.n_ctx - max(len(ids) for ids in chunk))
+        cache, logits = runner.run(chunk)
         generated = []
         for step in range(n_new):
-            next_tokens = logits[:, -1].argmax(-1)
+            next_tokens = logits.argmax(-1)
             generated.append(next_tokens)
             if step + 1 < n_new:
                 step_tokens = next_tokens.unsqueeze(1)
-                logits = model(step_tokens, past_kv_cache=cache, attention_mask=torch.ones_like(step_tokens))
+                logits = model(step_tokens, past_kv_cache=cache, attention_mask=torch.ones_like(step_tokens))[:, -1]
         new_tokens = torch.stack(generated, dim=1).tolist()
-        for row, index in enumerate(chunk):
-            ids = new_tokens[row]
+        for row, ids in enumerate(new_tokens):
             if eos is not None and eos in ids:
                 ids = ids[: ids.index(eos)]
-            outputs[index] = str(tokenizer.decode(ids))
+            outputs[start + row] = str(tokenizer.decode(ids))
     return outputs
 
 

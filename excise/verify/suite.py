@@ -217,12 +217,13 @@ def with_hooks(edit: Edit, model: HookedTransformer) -> HookedTransformer:
     """
     if not edit.supports_hooks:
         raise TypeError(f"a {edit.kind} edit exists only in weight form; measure it with form='weights'")
+    from excise.completions import position_wise
     from excise.edit.base import check_signature
 
     check_signature(edit.signature, model)
     hooked = copy.deepcopy(model)
     for name, function in edit.forward_hooks(hooked):
-        hooked.add_perma_hook(name, function)
+        hooked.add_perma_hook(name, position_wise(function))
     return hooked
 
 
