@@ -1,9 +1,12 @@
-"""Benchmark which attacks bring removed knowledge back, for every edit kind, on the planted model organism.
+"""Benchmark which attacks bring removed knowledge back, for every edit kind, on the organism or the default model.
 
-The planted organism (:func:`excise.models.load_organism` with ``variant="planted"``) keeps its forget topic in
-known MLP neurons and has a twin that never saw the topic, so each attack can be compared with a model that never
-knew the facts. Every edit kind of :mod:`excise.edit` is applied to it and attacked by the verify suite with the
-``quick`` budget (:func:`excise.verify.suite.run_suite`).
+``--model organism`` (the default): the planted organism (:func:`excise.models.load_organism` with
+``variant="planted"``) keeps its forget topic in known MLP neurons and has a twin that never saw the topic, so each
+attack can be compared with a model that never knew the facts. ``--model default``: SmolLM2-135M-Instruct on the
+bundled chemistry domain, cut to the facts it knows; there is no twin, so residuals are measured against chance.
+Every edit kind of :mod:`excise.edit` is applied and attacked by the verify suite with the ``quick`` budget
+(:func:`excise.verify.suite.run_suite`). The original's (and twin's) results are measured once and reused for every
+edit kind.
 
 Facts: each fact set is split at random in two halves (``--seed``). Edits that find sites or directions (the
 located ablations, direction removal, SAE features) are fitted on the *locate* half; every suite runs on the
@@ -19,6 +22,7 @@ every candidate it tried.
 Usage::
 
     python bench/bench_attacks.py                                  # writes docs/benchmarks-attacks.md
+    python bench/bench_attacks.py --model default --output docs/benchmarks-attacks-default.md
     python bench/bench_attacks.py --only npo rmu --output /tmp/attacks.md
     python bench/bench_attacks.py --no-suite --output /tmp/edits.md  # edit accuracies only
 
@@ -47,6 +51,7 @@ import excise.edit as edit
 from excise.completions import make_batch
 from excise.data.facts import FACT_SETS, Domain, Fact, split_facts
 from excise.locate.attribution_patching import attribution_patching
+from excise.locate.outliers import massive_activation_neurons
 from excise.locate.sae import SAETrainingSettings, train_sae
 from excise.models.organism import Organism, load_organism
 from excise.verify.accuracy import score_facts
@@ -60,6 +65,18 @@ UNLEARN_LR = 3e-4
 RMU_STEPS = 100
 RMU_LR = 1e-2
 RMU_LAYER = 1
+
+
+@dataclasses.dataclass
+class Subject:
+    """The model the edits are made to, its references and its facts."""
+
+    name: str
+    model: HookedTransformer
+    twin: HookedTransformer | None
+    domain: Domain
+    generic_texts: list[str] | None
+    organism: Organism | None = None
 
 
 @dataclasses.dataclass
@@ -94,8 +111,9 @@ class Outcome:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["organism", "default"], default="organism")
     parser.add_argument("--seed", type=int, default=0, help="seed of the organism, the fact split and the attacks")
-    parser.add_argument("--k", type=int, default=96, help="neurons of the located ablations (default: %(default)s)")
+    parser.add_argument("--k", type=int, help="neurons of the located ablations (default: 96 organism, 200 default)")
     parser.add_argument("--only", nargs="*", default=[], help="run only edit kinds whose name contains one of these")
     parser.add_argument("--no-suite", action="store_true", help="build and score the edits, skip the attacks")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-attacks.md"))
@@ -105,29 +123,141 @@ def main() -> int:
     load_before = _load_average()
     started = time.perf_counter()
 
-    organism = load_organism(args.seed, "planted")
-    halves = {which: split_facts(organism.domain.facts(which), 0.5, args.seed) for which in FACT_SETS}
-    locate = dataclasses.replace(organism.domain, **{which: halves[which][0] for which in FACT_SETS})
-    verify = dataclasses.replace(organism.domain, **{which: halves[which][1] for which in FACT_SETS})
-    references = {
-        "original": _accuracies(organism.model, verify),
-        "twin": _accuracies(organism.twin, verify),
-    }
-    suite_settings = _quick_settings(organism.model, verify, args.seed)
-    kinds = [kind for kind in _edit_kinds(organism, locate, verify, args.k) if _selected(kind.name, args.only)]
+    if args.k is None:
+        args.k = 96 if args.model == "organism" else 200
+    subject = _organism_subject(args.seed) if args.model == "organism" else _default_subject()
+    halves = {which: split_facts(subject.domain.facts(which), 0.5, args.seed) for which in FACT_SETS}
+    locate = dataclasses.replace(subject.domain, **{which: halves[which][0] for which in FACT_SETS})
+    verify = dataclasses.replace(subject.domain, **{which: halves[which][1] for which in FACT_SETS})
+    references = {"original": _accuracies(subject.model, verify)}
+    if subject.twin is not None:
+        references["twin"] = _accuracies(subject.twin, verify)
+    suite_settings = _quick_settings(subject.model, verify, args.seed)
+    if subject.organism is not None:
+        all_kinds = _edit_kinds(subject.organism, locate, verify, args.k)
+    else:
+        suite_forget = verify.limit(suite_settings.max_facts).forget
+        all_kinds = _default_edit_kinds(subject.model, locate, verify, suite_forget, args.k)
+    kinds = [kind for kind in all_kinds if _selected(kind.name, args.only)]
     outcomes = []
+    reference_suite = None
     for kind in kinds:
-        outcome = _run_kind(kind, organism, verify, suite_settings, args)
+        outcome = _run_kind(kind, subject, verify, suite_settings, args, reference_suite)
+        if reference_suite is None and outcome.suite is not None:
+            reference_suite = outcome.suite
         outcomes.append(outcome)
         recovery = "" if outcome.suite is None else f", worst-case recovery {_pct(outcome.suite.worst_recovery)}"
         print(f"{kind.name}: {outcome.chosen or outcome.error}{recovery}", flush=True)
 
     seconds = time.perf_counter() - started
-    page = _page(args, organism, locate, verify, references, outcomes, suite_settings, load_before, seconds)
+    page = _page(args, subject, locate, verify, references, outcomes, suite_settings, load_before, seconds)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(page)
     print(f"wrote {args.output}")
     return 0
+
+
+def _organism_subject(seed: int) -> Subject:
+    organism = load_organism(seed, "planted")
+    # The organism knows no words outside its corpora, so its retain corpus is the generic text.
+    return Subject(
+        "organism", organism.model, organism.twin, organism.domain, list(organism.domain.retain_corpus), organism
+    )
+
+
+def _default_subject() -> Subject:
+    """SmolLM2-135M-Instruct and the first 160 facts per set of the chemistry domain that it ranks correctly."""
+    from excise.data.bundled import bundled_domain
+    from excise.models import load
+
+    model = load()
+    domain = bundled_domain("chemistry").limit(160, 160, 160)
+    known = [
+        f.id for which in FACT_SETS for f in score_facts(model, domain.facts(which)).table.itertuples() if f.correct
+    ]
+    return Subject("default", model, None, domain.subset(known), None)
+
+
+DEFAULT_SAE_HOOK = "blocks.12.hook_resid_post"
+DEFAULT_SAE_SETTINGS = SAETrainingSettings(
+    d_sae=1024, n_tokens=60_000, steps=600, batch_tokens=512, validation_tokens=2048
+)
+"""The SAE of the locate notebook (cached under the same key, so a run after the notebook trains nothing)."""
+
+
+def _default_edit_kinds(
+    model: HookedTransformer, locate: Domain, verify: Domain, suite_forget: Sequence[Fact], k: int
+) -> list[EditKind]:
+    """Every edit kind with the library's defaults, one setting each, on the default model."""
+    from excise.data.corpus import generic_corpus
+
+    reference = generic_corpus(n_texts=24, source="bundled")
+    prompts = [fact.prompt for which in FACT_SETS for fact in locate.facts(which)]
+    state: dict[str, object] = {}
+
+    def located() -> list:
+        if "sites" not in state:
+            scores = attribution_patching(model, locate, kind="neuron").cautious(2.0)
+            state["sites"] = scores.top(k, exclude=massive_activation_neurons(model, prompts))
+        return state["sites"]  # type: ignore[return-value]
+
+    middle = model.cfg.n_layers // 2
+    hook = f"blocks.{middle}.hook_resid_post"
+    forget_prompts = [fact.prompt for fact in locate.forget]
+    retain_prompts = [fact.prompt for fact in locate.retain]
+    unknown = [edit.RewriteRequest(fact, None) for fact in suite_forget]
+    rome_layer = edit.default_layer(model)
+
+    def rome() -> edit.Edit:
+        second_moment = edit.key_second_moment(model, [rome_layer])[rome_layer]
+        return _rome_sequence(model, unknown, rome_layer, second_moment)
+
+    def unlearn(method: str) -> Candidate:
+        settings = edit.UNLEARN_DEFAULTS[method]  # type: ignore[index]
+        label = (
+            f"library defaults: {settings.steps} steps, lr {settings.learning_rate:g}, batch {settings.batch_size}, "
+            f"forget data {settings.forget_data}"
+        )
+        return Candidate(label, lambda: edit.unlearn(model, verify, settings))
+
+    def sae() -> edit.Edit:
+        trained = train_sae(model, DEFAULT_SAE_HOOK, texts=generic_corpus(n_texts=3000), settings=DEFAULT_SAE_SETTINGS)
+        scores = attribution_patching(model, locate, kind="sae_feature", sae=trained, positions="last").cautious()  # type: ignore[arg-type]
+        return edit.sae_feature_edit(model, trained.sae, [site.index for site in scores.top(64)])  # type: ignore[attr-defined]
+
+    return [
+        EditKind("zero ablation, located neurons", "locate half", "weights", [
+            Candidate(f"top {k} by attribution patching, forget - 2 x abs(retain), massive-activation neurons left out",
+                      lambda: edit.ablate(model, located())),
+        ]),
+        EditKind("mean ablation, located neurons", "locate half", "weights", [
+            Candidate(f"same {k} neurons, mean over bundled generic text",
+                      lambda: edit.ablate(model, located(), "mean", reference=reference)),
+        ]),
+        EditKind("resample ablation, located neurons", "locate half", "hooks", [
+            Candidate(f"same {k} neurons, resampled from bundled generic text",
+                      lambda: edit.ablate(model, located(), "resample", reference=reference)),
+        ]),
+        EditKind("direction removal", "locate half", "weights", [
+            Candidate(f"forget minus retain prompts at `{hook}`, last token, all writes",
+                      lambda: edit.remove_direction(
+                          model, edit.mean_difference_direction(model, hook, forget_prompts, retain_prompts))),
+        ]),
+        EditKind("ROME", "suite forget facts", "weights", [
+            Candidate(f"make unknown, one ROME edit per fact applied in turn, layer {rome_layer}", rome),
+        ]),
+        EditKind("MEMIT", "suite forget facts", "weights", [
+            Candidate(f"make unknown, layers {edit.default_layers(model)}, library defaults",
+                      lambda: edit.memit(model, unknown)),
+        ]),
+        EditKind("gradient ascent", "verify forget facts", "weights", [unlearn("gradient_ascent")]),
+        EditKind("gradient difference", "verify forget facts", "weights", [unlearn("gradient_difference")]),
+        EditKind("NPO", "verify forget facts", "weights", [unlearn("npo")]),
+        EditKind("RMU", "verify forget facts and the forget corpus", "weights", [unlearn("rmu")]),
+        EditKind("SAE features", "locate half", "hooks", [
+            Candidate(f"SAE on `{DEFAULT_SAE_HOOK}` (1024 features), top 64 by attribution patching zeroed", sae),
+        ]),
+    ]  # fmt: skip
 
 
 def _edit_kinds(organism: Organism, locate: Domain, verify: Domain, k: int) -> list[EditKind]:
@@ -287,7 +417,12 @@ def _quick_settings(model: HookedTransformer, verify: Domain, seed: int) -> Suit
 
 
 def _run_kind(
-    kind: EditKind, organism: Organism, verify: Domain, suite_settings: SuiteSettings, args: argparse.Namespace
+    kind: EditKind,
+    subject: Subject,
+    verify: Domain,
+    suite_settings: SuiteSettings,
+    args: argparse.Namespace,
+    references: object = None,
 ) -> Outcome:
     outcome = Outcome(kind, tried=[])
     built: list[edit.Edit | None] = []
@@ -301,7 +436,7 @@ def _run_kind(
             continue
         seconds = time.perf_counter() - start
         outcome.tried.append(
-            {"settings": candidate.label, "seconds": seconds, **_accuracies(organism.model, verify, built_edit)}
+            {"settings": candidate.label, "seconds": seconds, **_accuracies(subject.model, verify, built_edit)}
         )
         built.append(built_edit)
 
@@ -321,12 +456,13 @@ def _run_kind(
         outcome.suite = run_suite(
             built[best],  # type: ignore[arg-type]
             verify,
-            original=organism.model,
-            twin=organism.twin,
+            original=subject.model,
+            twin=subject.twin,
             form=kind.form,  # type: ignore[arg-type]
             budget=suite_settings,
             seed=args.seed,
-            generic_texts=list(organism.domain.retain_corpus),
+            generic_texts=subject.generic_texts,
+            references=references,  # type: ignore[arg-type]
         )
     except Exception as error:  # Report and go on, so that one failing edit kind does not hide the others.
         logging.exception("suite failed for %s", kind.name)
@@ -370,40 +506,63 @@ def _selected(name: str, only: Sequence[str]) -> bool:
     return not only or any(word.lower() in name.lower() for word in only)
 
 
-def _page(args, organism, locate, verify, references, outcomes, suite_settings, load_before, seconds) -> str:
+def _page(args, subject, locate, verify, references, outcomes, suite_settings, load_before, seconds) -> str:
     load_after = _load_average()
     now = datetime.datetime.now(datetime.timezone.utc)
+    model = subject.model
+    organism = subject.organism
+    baseline = "the twin" if subject.twin is not None else "chance"
+    if organism is not None:
+        title = "planted organism"
+        model_text = (
+            f"Model: the planted organism, seed {args.seed} ({model.cfg.n_layers} layers, d_model "
+            f"{model.cfg.d_model}, d_mlp {model.cfg.d_mlp}), its forget topic held by "
+            f"{len(organism.planted_sites)} planted MLP neurons, and its twin that never saw the topic."
+        )
+        text_note = (
+            "Generic text (perplexity, the benign relearning attack) is the organism's retain corpus: the organism "
+            "knows no other words."
+        )
+    else:
+        title = "default model"
+        model_text = (
+            f"Model: {model.cfg.model_name} (the default model, float32), on the bundled chemistry domain cut to the "
+            "first 160 facts per set and then to the facts the model ranks correctly. There is no twin: residuals "
+            "are measured against the attack's chance level."
+        )
+        text_note = "Generic text (perplexity, the benign relearning attack) is `excise.data.corpus.generic_corpus()`."
+    twin_text = f"; the twin scores {_accuracy_text(references['twin'])}" if "twin" in references else ""
     lines = [
-        "# Benchmark: which attacks bring removed knowledge back, per edit kind (planted organism)",
+        f"# Benchmark: which attacks bring removed knowledge back, per edit kind ({title})",
         "",
         f"Command: `{shlex.join(['python', *sys.argv])}` (from the repository root), finished "
         f"{now:%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} with "
         f"{torch.get_num_threads()} thread(s) (`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`), "
-        f"Python {platform.python_version()}. Load average (1 min) {load_before:.1f} before, {load_after:.1f} after; "
-        "the machine is shared, so wall times are upper bounds.",
+        f"Python {platform.python_version()}. Load average (1 min) {load_before:.1f} before, {load_after:.1f} after.",
         "",
-        f"Model: the planted organism, seed {args.seed} ({organism.model.cfg.n_layers} layers, d_model "
-        f"{organism.model.cfg.d_model}, d_mlp {organism.model.cfg.d_mlp}), its forget topic held by "
-        f"{len(organism.planted_sites)} planted MLP neurons, and its twin that never saw the topic.",
+        model_text,
         "",
         f"Facts: every set split in halves (seed {args.seed}). Locate half: {_counts(locate)}. Verify half: "
         f"{_counts(verify)}. Accuracy is likelihood ranking of the target among it and 3 distractors (chance 25%). "
-        f"On the verify half the original scores {_accuracy_text(references['original'])}; the twin scores "
-        f"{_accuracy_text(references['twin'])}.",
+        f"On the verify half the original scores {_accuracy_text(references['original'])}{twin_text}.",
         "",
-        "Suite: budget `quick` of `excise.verify.suite.run_suite`, the original and the twin attacked with the same "
-        "budget. The suite splits the verify forget facts again: one half is what the attacker may use "
-        "(demonstrations, relearning data, probe training data), the other half is measured. Generic text "
-        "(perplexity, the benign relearning attack) is the organism's retain corpus: the organism knows no other "
-        "words.",
+        f"Suite: budget `quick` of `excise.verify.suite.run_suite` (at most {suite_settings.max_facts} facts per "
+        "set), every model attacked with the same budget. The suite splits its forget facts again: one half is what "
+        "the attacker may use (demonstrations, relearning data, probe training data), the other half is measured. "
+        f"{text_note} The references are measured in the first suite and reused by the others (`references=`), so "
+        "the first suite time includes them.",
         "",
         "**Recovery** is the share of the removed accuracy that an attack gives back: 0 none, 100% all of it "
         "(`excise.verify.summary`). It is blank when the edit removed less than "
         f"{MIN_REMOVED:.0%} accuracy on the measured facts. **Residual** is what the attack extracts from the edited "
-        "model above what it extracts from the twin, as a share of what it extracts from the original: 0 means no "
-        "more than from a model that never learned the facts.",
+        f"model above what it extracts from {baseline}, as a share of what it extracts from the original: 0 means "
+        + (
+            "no more than from a model that never learned the facts."
+            if subject.twin is not None
+            else "no more than guessing."
+        ),
         "",
         "## Edits",
         "",
@@ -422,16 +581,31 @@ def _page(args, organism, locate, verify, references, outcomes, suite_settings, 
             f"{_pct(chosen['forget'])} | {_pct(chosen['neighbour'])} | {_pct(chosen['retain'])} | "
             f"{chosen['seconds']:.1f} | {_seconds(outcome.suite_seconds)} |"
         )
-    lines += ["", *_unlearning_note(), "", *_candidates(outcomes)]
-    lines += [
-        "",
-        f"In-context attack: demonstrations k in {list(suite_settings.in_context_ks)}, the values of the `quick` "
-        f"budget ({list(budget_settings('quick', args.seed).in_context_ks)}) whose prompts fit the organism's "
-        f"{organism.model.cfg.n_ctx}-token context; the suite raises an error on longer prompts.",
-    ]
+    if organism is not None:
+        lines += ["", *_unlearning_note(), "", *_candidates(outcomes)]
+        lines += [
+            "",
+            f"In-context attack: demonstrations k in {list(suite_settings.in_context_ks)}, the values of the `quick` "
+            f"budget ({list(budget_settings('quick', args.seed).in_context_ks)}) whose prompts fit the organism's "
+            f"{model.cfg.n_ctx}-token context; the suite raises an error on longer prompts.",
+        ]
+    else:
+        lines += [
+            "",
+            "Edits that take facts (ROME, MEMIT) get the suite's forget facts; the unlearning baselines train on the "
+            "whole verify half's forget facts (and RMU on the forget corpus too), with the library defaults "
+            "(`excise.edit.UNLEARN_DEFAULTS`).",
+        ]
     suites = [outcome for outcome in outcomes if outcome.suite is not None]
     if suites:
-        lines += ["", *_recovery_table(suites), "", *_reference_table(suites[0].suite), "", *_reading(suites)]
+        lines += [
+            "",
+            *_recovery_table(suites, baseline),
+            "",
+            *_reference_table(suites[0].suite),
+            "",
+            *_reading(suites, baseline),
+        ]
     failed = [outcome for outcome in outcomes if outcome.error]
     if failed:
         lines += ["", "## Failures", ""]
@@ -475,12 +649,12 @@ def _candidates(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
-def _recovery_table(suites: Sequence[Outcome]) -> list[str]:
+def _recovery_table(suites: Sequence[Outcome], baseline: str) -> list[str]:
     attacks = list(suites[0].suite.summary_frame()["attack"])
     lines = [
         "## Recovery by attack",
         "",
-        "Each attack cell: recovery / residual against the twin. *No attack*: held-out forget accuracy of the "
+        f"Each attack cell: recovery / residual against {baseline}. *No attack*: held-out forget accuracy of the "
         "edited model (the suite's measured half). *Worst*: worst-case recovery over the attacks.",
         "",
         "| edit kind | no attack | " + " | ".join(attacks) + " | worst |",
@@ -503,19 +677,23 @@ def _recovery_table(suites: Sequence[Outcome]) -> list[str]:
 def _reference_table(suite) -> list[str]:
     frame = suite.summary_frame()
     plain = suite.plain
+    has_twin = "twin" in plain
+    twin_text = f", twin {_pct(plain['twin'].accuracy)}" if has_twin else ""
     lines = [
         "References (the same in every suite: same facts, seed and budget): held-out forget accuracy without and "
-        f"with each attack. Without attack: original {_pct(plain['original'].accuracy)}, twin "
-        f"{_pct(plain['twin'].accuracy)}, on {len(suite.split['eval'])} held-out facts, so one fact is "
-        f"{1 / max(1, len(suite.split['eval'])):.0%}.",
+        f"with each attack. Without attack: original {_pct(plain['original'].accuracy)}{twin_text}, on "
+        f"{len(suite.split['eval'])} held-out facts, so one fact is {1 / max(1, len(suite.split['eval'])):.0%}.",
         "",
-        "| attack | original attacked | twin attacked | chance |",
-        "|---|---|---|---|",
+        "| attack | original attacked | twin attacked | chance |"
+        if has_twin
+        else "| attack | original attacked | chance |",
+        "|---|---|---|---|" if has_twin else "|---|---|---|",
     ]
     for row in frame.itertuples():
-        lines.append(
-            f"| {row.attack} | {_pct(row.original_attacked)} | {_pct(row.twin_attacked)} | {_pct(row.chance)} |"
-        )
+        twin_cell = f" {_pct(row.twin_attacked)} |" if has_twin else ""
+        lines.append(f"| {row.attack} | {_pct(row.original_attacked)} |{twin_cell} {_pct(row.chance)} |")
+    if not has_twin:
+        return lines
     best_of_n = frame[frame["attack"] == "prompt_best_of_n"]
     if len(best_of_n):
         row = best_of_n.iloc[0]
@@ -536,7 +714,7 @@ def _reference_table(suite) -> list[str]:
     return lines
 
 
-def _reading(suites: Sequence[Outcome]) -> list[str]:
+def _reading(suites: Sequence[Outcome], baseline: str) -> list[str]:
     """Write a plain reading, generated from the numbers so that it stays true when the page is rerun."""
     lines = ["## Reading", ""]
     for outcome in suites:
@@ -562,9 +740,9 @@ def _reading(suites: Sequence[Outcome]) -> list[str]:
             f"{r.attack} ({_pct(r.residual)})" for r in frame.itertuples() if _finite(r.residual) and r.residual >= 0.2
         ]
         tail = (
-            "; residual of 20% or more against the twin: " + ", ".join(above_twin)
+            f"; residual of 20% or more against {baseline}: " + ", ".join(above_twin)
             if above_twin
-            else "; under every attack it shows less than 20% residual against the twin"
+            else f"; under every attack it shows less than 20% residual against {baseline}"
         )
         edited = frame["edited"].iloc[0]
         lines.append(f"- **{name}** (held-out forget accuracy {_pct(edited)}): " + "; ".join(parts) + tail + ".")

@@ -119,3 +119,29 @@ def test_input_checks():
     with pytest.raises(ValueError, match="unknown checks"):
         SuiteSettings(checks=("vibes",))  # type: ignore[arg-type]
     assert budget_settings("quick").checks == CHECKS
+
+
+def test_references_reuse_the_original_and_twin(result):
+    original, twin = trained_model(), trained_twin()
+    edit = ablate(original, [Site.neuron(1, i) for i in range(0, 128, 5)])
+    fresh = run_suite(edit, trained_domain(), original=original, twin=twin, budget=SMALL, generic_texts=TEXTS)
+    reused = run_suite(
+        edit, trained_domain(), original=original, twin=twin, budget=SMALL, generic_texts=TEXTS, references=result
+    )
+    assert reused.prompt["original"] is result.prompt["original"]
+    assert reused.relearn["relearn_lora_facts"]["twin"] is result.relearn["relearn_lora_facts"]["twin"]
+    assert reused.summary_frame().equals(fresh.summary_frame())
+
+
+def test_references_from_other_conditions_are_rejected(result):
+    original = trained_model()
+    edit = ablate(original, [Site.neuron(1, 0)])
+    with pytest.raises(ValueError, match="seed"):
+        run_suite(
+            edit, trained_domain(), original=original, budget=SMALL, generic_texts=TEXTS, seed=1, references=result
+        )
+    with pytest.raises(ValueError, match="budget settings"):
+        other = dataclasses.replace(SMALL, quant_bits=(4,))
+        run_suite(edit, trained_domain(), original=original, budget=other, generic_texts=TEXTS, references=result)
+    with pytest.raises(ValueError, match="text sources"):
+        run_suite(edit, trained_domain(), original=original, budget=SMALL, references=result)

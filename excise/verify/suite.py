@@ -237,6 +237,7 @@ def run_suite(
     budget: BudgetName | SuiteSettings = "quick",
     seed: int = 0,
     generic_texts: Sequence[str] | None = None,
+    references: SuiteResult | None = None,
 ) -> SuiteResult:
     """Run every check of ``budget`` on the edited model, the original and the twin, with equal budgets.
 
@@ -253,6 +254,10 @@ def run_suite(
         generic_texts: Text unrelated to the domain, for perplexity and the benign relearning attack. None takes
             :func:`excise.data.corpus.generic_corpus` when available, else the domain's retain corpus, else
             sentences made of the retain facts.
+        references: An earlier result of this function on the same domain, budget, seed and generic text, whose
+            original (and twin) results are reused instead of measured again: the usual way to compare several
+            edits of one model. Pass the same ``original`` and ``twin`` as that run; the facts, settings, seed and
+            text sources are checked, the models are not.
     """
     if form not in EDIT_FORMS:
         raise ValueError(f"form must be one of {EDIT_FORMS}, got {form!r}")
@@ -278,8 +283,15 @@ def run_suite(
     texts, text_source = _generic_texts(domain, generic_texts)
     forget_texts, forget_source = _forget_texts(domain, attack_facts, eval_facts)
 
+    split = {"eval": [f.id for f in eval_facts], "attack": [f.id for f in attack_facts]}
+    sources = {"generic_text": text_source, "forget_text": forget_source, "benign_text": text_source}
+    reused = _check_references(references, models, settings, seed, split, sources)
     run = _Run(settings=settings, models=models)
-    plain = {label: score_facts(m, eval_facts, batch_size=settings.batch_size) for label, m in models.items()}
+    plain = {
+        label: score_facts(m, eval_facts, batch_size=settings.batch_size)
+        for label, m in models.items()
+        if label not in reused
+    }
     behaviour: dict[str, Behaviour] = {}
     prompt: dict[str, PromptAttackResult] = {}
     in_context: dict[str, InContextResult] = {}
@@ -288,8 +300,26 @@ def run_suite(
     lens: dict[str, LensResult] = {}
     quantization: dict[str, QuantizationResult] = {}
     ks = tuple(k for k in settings.in_context_ks if k <= len(attack_facts))
+    if references is not None:
+        for label in reused:
+            plain[label] = references.plain[label]
+            for mine, theirs in (
+                (behaviour, references.behaviour),
+                (prompt, references.prompt),
+                (in_context, references.in_context),
+                (probes, references.probes),
+                (lens, references.lens),
+                (quantization, references.quantization),
+            ):
+                if label in theirs:
+                    mine[label] = theirs[label]  # type: ignore[index]
+            for name, curves in references.relearn.items():
+                if label in curves:
+                    relearn_curves.setdefault(name, {})[label] = curves[label]
 
     for label, model in models.items():
+        if label in reused:
+            continue
         if "behaviour" in settings.checks:
             sets = {which: domain.facts(which) for which in FACT_SETS}
             with run.timed("behaviour"):
@@ -345,7 +375,7 @@ def run_suite(
         form=form,
         settings=settings,
         seed=seed,
-        split={"eval": [f.id for f in eval_facts], "attack": [f.id for f in attack_facts]},
+        split=split,
         plain=plain,
         behaviour=behaviour,
         prompt=prompt,
@@ -355,9 +385,40 @@ def run_suite(
         lens=lens,
         quantization=quantization,
         summaries=summaries,
-        sources={"generic_text": text_source, "forget_text": forget_source, "benign_text": text_source},
+        sources=sources,
         timings=run.timings,
     )
+
+
+def _check_references(
+    references: SuiteResult | None,
+    models: dict[str, HookedTransformer],
+    settings: SuiteSettings,
+    seed: int,
+    split: dict[str, list[str]],
+    sources: dict[str, str],
+) -> tuple[str, ...]:
+    """Labels whose results come from ``references``; raise when they were measured under other conditions."""
+    if references is None:
+        return ()
+    differences = []
+    if references.settings != settings:
+        differences.append("budget settings")
+    if references.seed != seed:
+        differences.append(f"seed ({references.seed} there, {seed} here)")
+    if references.split != split:
+        differences.append("facts (the held-out and attack splits differ)")
+    if references.sources != sources:
+        differences.append(f"text sources ({references.sources} there, {sources} here)")
+    if differences:
+        raise ValueError(
+            "references were measured under other conditions: " + ", ".join(differences) + "; run the suite with "
+            "the same domain, budget, seed and generic_texts, or leave references out"
+        )
+    missing = [label for label in models if label != "edited" and label not in references.plain]
+    if missing:
+        raise ValueError(f"references have no results for {missing}; rerun them with that model or leave it out")
+    return tuple(label for label in models if label != "edited")
 
 
 @dataclasses.dataclass
