@@ -188,7 +188,7 @@ DEFAULT_SAE_SETTINGS = SAETrainingSettings(
 def _default_edit_kinds(
     model: HookedTransformer, locate: Domain, verify: Domain, suite_forget: Sequence[Fact], k: int
 ) -> list[EditKind]:
-    """Every edit kind with the library's defaults, one setting each, on the default model."""
+    """Return every edit kind with the library's defaults, one setting each, for the default model."""
     from excise.data.corpus import generic_corpus
 
     reference = generic_corpus(n_texts=24, source="bundled")

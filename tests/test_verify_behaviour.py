@@ -34,7 +34,7 @@ def _manual_greedy(model, prompt, n):
 
 def test_generate_greedy_matches_loop_without_cache(model):
     domain = trained_domain()
-    # Prompts of two token lengths, so generation runs in two groups.
+    # Prompts of two token lengths share a batch, so the padding after the shorter one is masked in the cache.
     prompts = [domain.forget[0].prompt, domain.forget[0].paraphrases[0], domain.retain[1].prompt]
     outputs = generate_greedy(model, prompts, max_new_tokens=3, batch_size=2)
     for prompt, output in zip(prompts, outputs, strict=True):

@@ -1,8 +1,17 @@
+import dataclasses
+
 import pytest
 import torch
 
 from excise.completions import tokenize_prompt
-from excise.verify.lens import decode_residual, last_position_residuals, logit_lens, residual_hooks
+from excise.verify.lens import (
+    TunedLensSettings,
+    decode_residual,
+    fit_tuned_lens,
+    last_position_residuals,
+    logit_lens,
+    residual_hooks,
+)
 from excise.verify.probes import ProbeSettings, probe_layers
 from tests.helpers import toy_model
 from tests.verify_helpers import trained_domain, trained_model
@@ -62,3 +71,39 @@ def test_probe_input_checks(model):
         probe_layers(model, facts[:1], facts[8:], SETTINGS)
     with pytest.raises(ValueError, match="steps"):
         ProbeSettings(steps=0)
+
+
+def _texts():
+    domain = trained_domain()
+    return [f"{f.prompt}{f.target} ." for f in domain.all_facts()]
+
+
+def test_tuned_lens_fits_closer_than_logit_lens(model):
+    before = [p.requires_grad for p in model.parameters()]
+    lens = fit_tuned_lens(model, _texts(), TunedLensSettings(steps=80, batch_tokens=32, learning_rate=1e-2))
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert lens.weights.shape == (model.cfg.n_layers + 1, model.cfg.d_model, model.cfg.d_model)
+    assert lens.kl_tuned_lens[0] < lens.kl_logit_lens[0]
+    assert lens.kl_tuned_lens[1] < lens.kl_logit_lens[1]
+    assert lens.kl_tuned_lens[-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logit_lens_with_tuned_lens(model):
+    facts = trained_domain().forget
+    lens = fit_tuned_lens(model, _texts(), TunedLensSettings(steps=40, batch_tokens=32, learning_rate=1e-2))
+    tuned = logit_lens(model, facts, lens=lens)
+    plain = logit_lens(model, facts)
+    assert tuned.layers == plain.layers
+    assert tuned.mean_logprob[-1] == pytest.approx(plain.mean_logprob[-1], abs=1e-5)  # last stream untouched
+    zero = dataclasses.replace(lens, weights=torch.zeros_like(lens.weights), biases=torch.zeros_like(lens.biases))
+    assert logit_lens(model, facts, lens=zero).mean_logprob == pytest.approx(plain.mean_logprob, abs=1e-5)
+
+
+def test_tuned_lens_input_checks(model):
+    with pytest.raises(ValueError, match="generic texts"):
+        fit_tuned_lens(model, ["  "])
+    with pytest.raises(ValueError, match="held_out"):
+        TunedLensSettings(held_out=1.0)
+    lens = fit_tuned_lens(model, _texts(), TunedLensSettings(steps=1))
+    with pytest.raises(ValueError, match="streams"):
+        lens.translate(torch.zeros(2, 3, model.cfg.d_model))

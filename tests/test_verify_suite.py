@@ -7,6 +7,7 @@ import pytest
 from excise.edit.ablation import ablate
 from excise.sites import Site
 from excise.verify.behaviour import BehaviourSettings
+from excise.verify.lens import TunedLensSettings
 from excise.verify.probes import ProbeSettings
 from excise.verify.relearn import RelearnSettings
 from excise.verify.report import Report
@@ -145,3 +146,16 @@ def test_references_from_other_conditions_are_rejected(result):
         run_suite(edit, trained_domain(), original=original, budget=other, generic_texts=TEXTS, references=result)
     with pytest.raises(ValueError, match="text sources"):
         run_suite(edit, trained_domain(), original=original, budget=SMALL, references=result)
+
+
+def test_tuned_lens_attack_when_fitted():
+    settings = dataclasses.replace(
+        SMALL, checks=("logit_lens",), tuned_lens=TunedLensSettings(steps=5, batch_tokens=16, learning_rate=1e-2)
+    )
+    result = run_suite(
+        gradient_ascent_model(), trained_domain(), original=trained_model(), budget=settings, generic_texts=TEXTS
+    )
+    assert set(result.tuned_lens) == {"edited", "original"}
+    assert "tuned_lens" in list(result.summary_frame()["attack"])
+    assert "tuned_lens" in result.to_report().attacks
+    assert budget_settings("default").tuned_lens is None

@@ -3,7 +3,7 @@
 from excise.verify.accuracy import FactScores, score_facts
 from excise.verify.behaviour import Behaviour, BehaviourSettings, measure_behaviour
 from excise.verify.in_context import InContextResult, in_context_attack
-from excise.verify.lens import LensResult, logit_lens
+from excise.verify.lens import LensResult, TunedLens, TunedLensSettings, fit_tuned_lens, logit_lens
 from excise.verify.probes import ProbeResult, ProbeSettings, probe_layers
 from excise.verify.prompt_attacks import PromptAttackResult, prompt_attack
 from excise.verify.quantization import QuantizationResult, quantization_attack, quantize_model
@@ -29,8 +29,11 @@ __all__ = [
     "Report",
     "SuiteResult",
     "SuiteSettings",
+    "TunedLens",
+    "TunedLensSettings",
     "budget_settings",
     "fill_report",
+    "fit_tuned_lens",
     "in_context_attack",
     "logit_lens",
     "measure_behaviour",

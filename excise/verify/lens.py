@@ -9,6 +9,12 @@ knowledge is still computed, then hidden.
 Layers are numbered by residual stream: 0 is the embedding (``blocks.0.hook_resid_pre``), ``L + 1`` the stream
 after block ``L`` (``blocks.L.hook_resid_post``), so the last one decodes to the model's own logits.
 
+The tuned lens (Belrose et al., 2023, "Eliciting Latent Predictions from Transformers with the Tuned Lens")
+first maps each stream through an affine translator trained so that the decoded stream matches the model's own
+final next-token distribution on generic text (:func:`fit_tuned_lens`). Middle layers decode poorly through the
+final unembedding alone, so the logit lens can miss an answer that a stream still carries; the tuned lens is the
+stronger reader. Pass a fitted lens to :func:`logit_lens`.
+
 Warning:
     Only each choice's first token is read, at the last prompt position. Facts whose choices share a first token
     are dropped (:func:`first_token_choices`).
@@ -17,6 +23,7 @@ Warning:
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from excise.completions import make_batch, tokenize_completion
+from excise.completions import make_batch, make_text_batch, tokenize_completion
 from excise.data.facts import Fact
 
 
@@ -77,6 +84,163 @@ def decode_residual(model: HookedTransformer, residual: Float[Tensor, "... d_mod
 
 
 @dataclasses.dataclass(frozen=True)
+class TunedLensSettings:
+    """How a tuned lens is fitted.
+
+    Attributes:
+        n_texts: Generic texts read (the first ones).
+        max_tokens: Tokens kept per text. The first token of each text is left out: it is where many models park
+            an attention sink, and predicting from it says little.
+        steps: Adam steps. Every step decodes ``batch_tokens`` positions through the full vocabulary once per
+            stream, so on a 135M-parameter model each step costs about as much as a forward pass over
+            ``n_streams * batch_tokens`` tokens.
+        batch_tokens: Token positions per step.
+        learning_rate: Adam learning rate.
+        held_out: Share of the positions kept out of training, to measure the fit.
+        seed: Seed of the held-out split and the batch order.
+    """
+
+    n_texts: int = 64
+    max_tokens: int = 64
+    steps: int = 100
+    batch_tokens: int = 64
+    learning_rate: float = 1e-3
+    held_out: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_texts", "steps", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TunedLensSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens < 2:
+            raise ValueError(f"TunedLensSettings.max_tokens must be >= 2, got {self.max_tokens}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TunedLensSettings.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.held_out < 1.0:
+            raise ValueError(f"TunedLensSettings.held_out must be in (0, 1), got {self.held_out}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedLens:
+    """Affine translators, one per residual stream of :func:`residual_hooks`: ``h -> h + h @ weight + bias``.
+
+    The last stream's translator is the identity, since it already decodes to the model's logits.
+
+    Attributes:
+        weights: ``(n_streams, d_model, d_model)``; zero is the logit lens.
+        biases: ``(n_streams, d_model)``.
+        kl_logit_lens: Per stream, the mean KL divergence (nats) from the model's final distribution to the
+            logit lens's, on held-out positions.
+        kl_tuned_lens: The same for the tuned lens after fitting.
+        n_tokens: Positions trained on.
+    """
+
+    weights: Tensor
+    biases: Tensor
+    kl_logit_lens: list[float]
+    kl_tuned_lens: list[float]
+    n_tokens: int
+
+    def translate(self, residuals: Float[Tensor, "layer n d_model"]) -> Float[Tensor, "layer n d_model"]:
+        """Map each stream's vectors through its translator."""
+        if residuals.shape[0] != self.weights.shape[0]:
+            raise ValueError(
+                f"residuals have {residuals.shape[0]} streams but the lens has {self.weights.shape[0]}; fit the "
+                "lens on the same model"
+            )
+        residuals = residuals.float()
+        return residuals + torch.einsum("lnd,lde->lne", residuals, self.weights) + self.biases.unsqueeze(1)
+
+
+def fit_tuned_lens(
+    model: HookedTransformer, texts: Sequence[str], settings: TunedLensSettings = TunedLensSettings()
+) -> TunedLens:
+    """Fit a :class:`TunedLens` for ``model`` on generic ``texts`` by minimising KL to its final distribution.
+
+    Translators start at zero (the logit lens) and are trained jointly with Adam. The model is not changed.
+    """
+    hooks = residual_hooks(model)
+    texts = [text for text in texts[: settings.n_texts] if text.strip()]
+    if not texts:
+        raise ValueError("fit_tuned_lens needs generic texts; pass at least one non-empty text")
+    streams = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 8):
+            tokens, lengths = make_text_batch(model, texts[start : start + 8], settings.max_tokens)
+            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in hooks)
+            positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+            keep = (positions >= 1) & (positions < lengths.unsqueeze(1))
+            streams.append(torch.stack([cache[hook][keep] for hook in hooks]).float().cpu())
+    residuals = torch.cat(streams, dim=1)
+    n = residuals.shape[1]
+    if n < 2:
+        raise ValueError("the texts give fewer than 2 positions after the first token; pass longer texts")
+    order = list(range(n))
+    random.Random(settings.seed).shuffle(order)
+    n_held = max(1, round(settings.held_out * n))
+    held, train = order[:n_held], order[n_held:] or order[:n_held]
+
+    n_streams, d_model = residuals.shape[0], residuals.shape[2]
+    weights = torch.zeros(n_streams - 1, d_model, d_model, requires_grad=True)
+    biases = torch.zeros(n_streams - 1, d_model, requires_grad=True)
+    optimizer = torch.optim.Adam([weights, biases], lr=settings.learning_rate)
+    generator = random.Random(settings.seed + 1)
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    try:
+        before = _lens_kl(model, residuals[:, held], None, None)
+        for _ in tqdm(range(settings.steps), desc="tuned lens", leave=False):
+            index = torch.tensor(generator.sample(train, min(settings.batch_tokens, len(train))))
+            batch = residuals[:, index]
+            with torch.enable_grad():
+                loss = torch.stack(_lens_kl(model, batch, weights, biases, reduce=False)[:-1]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            after = _lens_kl(model, residuals[:, held], weights, biases)
+    finally:
+        for parameter, flag in zip(model.parameters(), flags, strict=True):
+            parameter.requires_grad_(flag)
+    zero = torch.zeros(1, d_model, d_model)
+    return TunedLens(
+        weights=torch.cat([weights.detach(), zero]),
+        biases=torch.cat([biases.detach(), torch.zeros(1, d_model)]),
+        kl_logit_lens=[float(value) for value in before],
+        kl_tuned_lens=[float(value) for value in after],
+        n_tokens=len(train),
+    )
+
+
+def _lens_kl(
+    model: HookedTransformer,
+    residuals: Float[Tensor, "layer n d_model"],
+    weights: Tensor | None,
+    biases: Tensor | None,
+    *,
+    reduce: bool = True,
+) -> list[Tensor]:
+    """Per stream, the mean KL from the last stream's decoded distribution to this stream's (translated) one."""
+    device, dtype = model.cfg.device, model.cfg.dtype
+    target = _decode(model, residuals[-1].to(device, dtype)).log_softmax(-1).detach()
+    values = []
+    for layer in range(residuals.shape[0]):
+        stream = residuals[layer].to(device, dtype)
+        if weights is not None and biases is not None and layer < weights.shape[0]:
+            stream = stream + stream @ weights[layer].to(device, dtype) + biases[layer].to(device, dtype)
+        log_q = _decode(model, stream).log_softmax(-1)
+        kl = (target.exp() * (target - log_q)).sum(-1).mean()
+        values.append(kl if not reduce else kl.detach().cpu())
+    return values
+
+
+def _decode(model: HookedTransformer, residual: Tensor) -> Tensor:
+    normalized = model.ln_final(residual.unsqueeze(1)) if hasattr(model, "ln_final") else residual.unsqueeze(1)
+    return model.unembed(normalized).squeeze(1).float()
+
+
+@dataclasses.dataclass(frozen=True)
 class LensResult:
     """Per residual stream (layer 0 = embedding), how the decoded stream ranks each fact's target.
 
@@ -112,6 +276,7 @@ def logit_lens(
     batch_size: int = 16,
     residuals: Float[Tensor, "layer fact d_model"] | None = None,
     label: str = "model",
+    lens: TunedLens | None = None,
 ) -> LensResult:
     """Decode the residual stream after every layer at the last prompt position and rank each fact's target.
 
@@ -122,6 +287,7 @@ def logit_lens(
         residuals: Residual streams of exactly the kept facts, from :func:`last_position_residuals`, to skip
             recomputing them.
         label: Name of the model in progress bars.
+        lens: A tuned lens fitted on this model (:func:`fit_tuned_lens`); None decodes the streams directly.
     """
     kept, choice_tokens = first_token_choices(model, facts)
     if residuals is None:
@@ -130,6 +296,8 @@ def logit_lens(
         )
     if residuals.shape[1] != len(kept):
         raise ValueError(f"residuals hold {residuals.shape[1]} facts but {len(kept)} facts have distinct choices")
+    if lens is not None and kept:
+        residuals = lens.translate(residuals)
     targets = torch.tensor([tokens[0] for tokens in choice_tokens], dtype=torch.long)
     result = LensResult([], [], [], [], [], len(kept))
     for layer in range(residuals.shape[0]):

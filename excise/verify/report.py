@@ -204,6 +204,16 @@ def fill_report(
             "residual stream (0 = embedding)",
             result.plain["original"].chance,
         )
+    if result.tuned_lens:
+        add(
+            "tuned_lens",
+            "tuned_lens",
+            dataclasses.asdict(result.settings.tuned_lens) if result.settings.tuned_lens is not None else {},
+            {label: r.to_dict() for label, r in result.tuned_lens.items()},
+            {label: {"x": r.layers, "accuracy": r.choice_accuracy} for label, r in result.tuned_lens.items()},
+            "residual stream (0 = embedding)",
+            result.plain["original"].chance,
+        )
     if result.quantization:
         add(
             "quantization",

@@ -38,7 +38,7 @@ from excise.edit.base import Edit
 from excise.verify.accuracy import FactScores, score_facts
 from excise.verify.behaviour import Behaviour, BehaviourSettings, measure_behaviour
 from excise.verify.in_context import InContextResult, in_context_attack
-from excise.verify.lens import LensResult, logit_lens
+from excise.verify.lens import LensResult, TunedLensSettings, fit_tuned_lens, logit_lens
 from excise.verify.probes import ProbeResult, ProbeSettings, probe_layers
 from excise.verify.prompt_attacks import PromptAttackResult, prompt_attack
 from excise.verify.quantization import QuantizationResult, quantization_attack
@@ -86,6 +86,9 @@ class SuiteSettings:
         relearn: Relearning attacks.
         probe: Probe budget.
         quant_bits: Bit widths of the quantization attack.
+        tuned_lens: With the ``logit_lens`` check, also fit a tuned lens on each model's generic text and read the
+            facts through it (a ``tuned_lens`` attack); None to skip. On the default model 40 steps took 257 s
+            with one thread while another job ran.
     """
 
     budget: str = "custom"
@@ -99,6 +102,7 @@ class SuiteSettings:
     relearn: tuple[RelearnAttack, ...] = ()
     probe: ProbeSettings = dataclasses.field(default_factory=ProbeSettings)
     quant_bits: tuple[int, ...] = (8, 4)
+    tuned_lens: TunedLensSettings | None = None
 
     def __post_init__(self) -> None:
         unknown = [check for check in self.checks if check not in CHECKS]
@@ -116,9 +120,11 @@ class SuiteSettings:
 def budget_settings(budget: BudgetName, seed: int = 0) -> SuiteSettings:
     """The preset budgets.
 
-    ``"quick"`` (a few minutes for a 135M-parameter model on 2 CPU cores): 48 facts per set, 8 generated per set,
+    ``"quick"`` (about 3 minutes for a 135M-parameter model on 2 CPU cores): 48 facts per set, 8 generated per set,
     two LoRA relearning attacks of 8 steps, probes of 150 steps, 8-bit and 4-bit rounding. ``"default"``: 120 facts
-    per set, 32 generated, all four relearning attacks (full finetuning 20 steps, LoRA 30 steps), probes of 300 steps.
+    per set, 32 generated, all four relearning attacks (full finetuning 20 steps, LoRA 30 steps), probes of 300
+    steps. Neither fits a tuned lens; add one with
+    ``dataclasses.replace(settings, tuned_lens=TunedLensSettings(steps=40))``, which costs minutes per model.
     """
     if budget not in BUDGET_NAMES:
         raise ValueError(f"budget must be one of {BUDGET_NAMES}, got {budget!r}")
@@ -167,6 +173,8 @@ class SuiteResult:
         summaries: One :class:`AttackSummary` per attack.
         sources: Where texts came from (perplexity, forget text, benign text).
         timings: Seconds per check.
+        tuned_lens: Per model, the logit lens read through a tuned lens fitted on that model (empty when the
+            budget fits none).
     """
 
     form: str
@@ -184,6 +192,7 @@ class SuiteResult:
     summaries: list[AttackSummary]
     sources: dict[str, str]
     timings: dict[str, float]
+    tuned_lens: dict[str, LensResult] = dataclasses.field(default_factory=dict)
 
     @property
     def worst_recovery(self) -> float:
@@ -299,6 +308,7 @@ def run_suite(
     probes: dict[str, ProbeResult] = {}
     lens: dict[str, LensResult] = {}
     quantization: dict[str, QuantizationResult] = {}
+    tuned: dict[str, LensResult] = {}
     ks = tuple(k for k in settings.in_context_ks if k <= len(attack_facts))
     if references is not None:
         for label in reused:
@@ -310,6 +320,7 @@ def run_suite(
                 (probes, references.probes),
                 (lens, references.lens),
                 (quantization, references.quantization),
+                (tuned, references.tuned_lens),
             ):
                 if label in theirs:
                     mine[label] = theirs[label]  # type: ignore[index]
@@ -364,13 +375,19 @@ def run_suite(
         if "logit_lens" in settings.checks:
             with run.timed("logit_lens"):
                 lens[label] = logit_lens(model, eval_facts, batch_size=settings.batch_size, label=label)
+            if settings.tuned_lens is not None:
+                with run.timed("tuned_lens"):
+                    fitted = fit_tuned_lens(model, texts, settings.tuned_lens)
+                    tuned[label] = logit_lens(
+                        model, eval_facts, batch_size=settings.batch_size, label=label, lens=fitted
+                    )
         if "quantization" in settings.checks:
             with run.timed("quantization"):
                 quantization[label] = quantization_attack(
                     model, eval_facts, bits=settings.quant_bits, batch_size=settings.batch_size, label=label
                 )
 
-    summaries = _summaries(plain, prompt, in_context, relearn_curves, probes, lens, quantization)
+    summaries = _summaries(plain, prompt, in_context, relearn_curves, probes, lens, quantization, tuned)
     return SuiteResult(
         form=form,
         settings=settings,
@@ -387,6 +404,7 @@ def run_suite(
         summaries=summaries,
         sources=sources,
         timings=run.timings,
+        tuned_lens=tuned,
     )
 
 
@@ -445,6 +463,7 @@ def _summaries(
     probes: dict[str, ProbeResult],
     lens: dict[str, LensResult],
     quantization: dict[str, QuantizationResult],
+    tuned: dict[str, LensResult],
 ) -> list[AttackSummary]:
     accuracy = {label: scores.accuracy for label, scores in plain.items()}
     chance = plain["original"].chance
@@ -465,6 +484,9 @@ def _summaries(
     if lens:
         best = {label: result.best_choice_accuracy for label, result in lens.items()}
         attacked.append(("logit_lens", best, chance, None))
+    if tuned:
+        best = {label: result.best_choice_accuracy for label, result in tuned.items()}
+        attacked.append(("tuned_lens", best, chance, None))
     if quantization:
         best = {label: result.best_accuracy for label, result in quantization.items()}
         attacked.append(("quantization", best, chance, None))
