@@ -357,7 +357,7 @@ class _FullSequenceScorer:
             for row, (i, j) in enumerate(part):
                 totals[(i, j)] = float(token_lp[row].sum())
                 if j == 0:
-                    first_rows[i] = log_probs[row, 0]
+                    first_rows[i] = log_probs[row, 0].clone()  # a copy, so the batch tensor can be freed
         scores = []
         for i, options in enumerate(choices):
             if all(len(t) == 1 for t in options):
