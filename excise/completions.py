@@ -80,10 +80,7 @@ class CompletionBatch:
         residual = model(self.tokens, stop_at_layer=model.cfg.n_layers)
         positions, _ = self.completion_positions()
         rows = torch.arange(len(self), device=residual.device).unsqueeze(1)
-        gathered = residual[rows, positions.to(residual.device)]
-        if model.cfg.normalization_type is not None:
-            gathered = model.ln_final(gathered)
-        return model.unembed(gathered)
+        return unembed_residual(model, residual[rows, positions.to(residual.device)])
 
     def score(self, model: HookedTransformer) -> Float[Tensor, " batch"]:
         """Summed completion log-probability per row, like :meth:`completion_logprobs` but with less compute."""
@@ -136,31 +133,16 @@ def make_batch(model: HookedTransformer, prompts: Sequence[str], completions: Se
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one of each per row")
     if not prompts:
         raise ValueError("cannot build a batch from zero prompts")
-    rows: list[list[int]] = []
-    prompt_lengths: list[int] = []
-    completion_lengths: list[int] = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        prompt_ids = tokenize_prompt(model, prompt)
-        completion_ids = tokenize_completion(model, completion)
-        rows.append(prompt_ids + completion_ids)
-        prompt_lengths.append(len(prompt_ids))
-        completion_lengths.append(len(completion_ids))
-    width = max(len(row) for row in rows)
-    if width > model.cfg.n_ctx:
-        longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    prompt_ids = [tokenize_prompt(model, prompt) for prompt in prompts]
+    completion_ids = [tokenize_completion(model, completion) for completion in completions]
+    widths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    if max(widths) > model.cfg.n_ctx:
+        longest = widths.index(max(widths))
         raise ValueError(
-            f"prompt {prompts[longest]!r} with its completion is {width} tokens, longer than the model's context "
-            f"of {model.cfg.n_ctx}; shorten it"
+            f"prompt {prompts[longest]!r} with its completion is {widths[longest]} tokens, longer than the model's "
+            f"context of {model.cfg.n_ctx}; shorten it"
         )
-    pad_id = _pad_id(model)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for index, row in enumerate(rows):
-        tokens[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return CompletionBatch(
-        tokens=tokens.to(model.cfg.device),
-        prompt_lengths=torch.tensor(prompt_lengths, device=model.cfg.device),
-        completion_lengths=torch.tensor(completion_lengths, device=model.cfg.device),
-    )
+    return _pad_rows(model, prompt_ids, completion_ids)
 
 
 def make_text_batch(
@@ -174,12 +156,8 @@ def make_text_batch(
         raise ValueError("cannot build a batch from zero texts")
     limit = model.cfg.n_ctx if max_tokens is None else min(max_tokens, model.cfg.n_ctx)
     rows = [tokenize_prompt(model, text)[:limit] for text in texts]
-    width = max(len(row) for row in rows)
-    tokens = torch.full((len(rows), width), _pad_id(model), dtype=torch.long)
-    for index, row in enumerate(rows):
-        tokens[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-    lengths = torch.tensor([len(row) for row in rows])
-    return tokens.to(model.cfg.device), lengths.to(model.cfg.device)
+    tokens, _ = _right_pad(model, rows)
+    return tokens, torch.tensor([len(row) for row in rows], device=model.cfg.device)
 
 
 def iter_batches(
@@ -212,6 +190,8 @@ def position_wise(function: Callable[..., Any]) -> Callable[..., Any]:
     Every excise edit marks its hooks this way. A hook that indexes positions (patching position 5, say) must not
     be marked.
     """
+    if not callable(function):
+        raise TypeError(f"position_wise needs a hook function, got {type(function).__name__}")
 
     def hook(activation: Any, hook: Any) -> Any:
         return function(activation, hook=hook)
@@ -314,10 +294,14 @@ def choice_logprobs(
 _Scored = tuple[list[np.ndarray], np.ndarray, np.ndarray]
 
 
-def _unembed(model: HookedTransformer, residual: Tensor) -> Tensor:
+def unembed_residual(model: HookedTransformer, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+    """Apply the model's final normalization (when it has one) and unembedding to residual-stream vectors.
+
+    Hooks on ``ln_final`` and ``unembed`` run as in a full forward pass.
+    """
     if model.cfg.normalization_type is not None:
         residual = model.ln_final(residual)
-    return model.unembed(residual).float()
+    return model.unembed(residual)
 
 
 def _first_token_stats(log_probs: Tensor, first_ids: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -334,6 +318,7 @@ class _FullSequenceScorer:
 
     def score(self, prompts: list[list[int]], choices: list[list[list[int]]], max_rows: int) -> _Scored:
         model, device = self.model, self.model.cfg.device
+
         # Row per prompt for its first choice (all of its choices when they are single tokens), then one row per
         # further choice that spans several tokens.
         pairs = [(i, 0) for i in range(len(prompts))]
@@ -343,21 +328,21 @@ class _FullSequenceScorer:
             if any(len(t) > 1 for t in options)
             for j in range(1, len(options))
         ]
+
         totals: dict[tuple[int, int], float] = {}
         first_rows: dict[int, Tensor] = {}
         for start in range(0, len(pairs), max_rows):
             part = pairs[start : start + max_rows]
             batch = _pad_rows(model, [prompts[i] for i, _ in part], [choices[i][j] for i, j in part])
-            residual = model(batch.tokens, stop_at_layer=model.cfg.n_layers)
+            log_probs = batch.completion_logits(model).float().log_softmax(-1)
             positions, valid = batch.completion_positions()
-            rows = torch.arange(len(part), device=device).unsqueeze(1)
-            log_probs = _unembed(model, residual[rows, positions]).log_softmax(-1)
             targets = batch.tokens.gather(1, (positions + 1).clamp(max=batch.tokens.shape[1] - 1))
             token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid
             for row, (i, j) in enumerate(part):
                 totals[(i, j)] = float(token_lp[row].sum())
                 if j == 0:
-                    first_rows[i] = log_probs[row, 0].clone()  # a copy, so the batch tensor can be freed
+                    first_rows[i] = log_probs[row, 0].clone()  # A copy, so the batch tensor can be freed.
+
         scores = []
         for i, options in enumerate(choices):
             if all(len(t) == 1 for t in options):
@@ -365,6 +350,7 @@ class _FullSequenceScorer:
                 scores.append(first_rows[i][ids].cpu().numpy().astype(np.float64))
             else:
                 scores.append(np.array([totals[(i, j)] for j in range(len(options))]))
+
         stacked = torch.stack([first_rows[i] for i in range(len(prompts))])
         first_ids = torch.tensor([options[0][0] for options in choices], device=device)
         ranks, firsts = _first_token_stats(stacked, first_ids)
@@ -386,6 +372,8 @@ class PromptRunner:
         if self.prefix_length > 0:
             self.prefix = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
             tokens = torch.tensor([all_prompts[0][: self.prefix_length]], device=model.cfg.device)
+            # Masks are always explicit: TransformerLens would otherwise infer padding from pad-token ids, which chat
+            # templates also use inside prompts when the pad token is the end-of-turn token.
             mask = torch.ones_like(tokens)
             model(tokens, past_kv_cache=self.prefix, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
 
@@ -401,7 +389,7 @@ class PromptRunner:
         tokens, mask = _right_pad(model, suffixes)
         residual = model(tokens, past_kv_cache=cache, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
         last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
-        return cache, _unembed(model, residual[torch.arange(n, device=device), last])
+        return cache, unembed_residual(model, residual[torch.arange(n, device=device), last]).float()
 
 
 class _SharedPromptScorer:
@@ -422,17 +410,15 @@ class _SharedPromptScorer:
         ]
         # Choices of two or more tokens continue from their prompt's cache; their first token is scored above.
         longer = [(i, j) for i, options in enumerate(choices) for j, t in enumerate(options) if len(t) > 1]
-        cache.freeze()
         for start in range(0, len(longer), max_rows):
             part = longer[start : start + max_rows]
             rows = torch.tensor([i for i, _ in part], device=device)
             continuation = _select_rows(cache, rows)
-            continuation.freeze()
             inputs, input_mask = _right_pad(model, [choices[i][j][:-1] for i, j in part])
             residual = model(
                 inputs, past_kv_cache=continuation, attention_mask=input_mask, stop_at_layer=model.cfg.n_layers
             )
-            log_probs = _unembed(model, residual).log_softmax(-1)
+            log_probs = unembed_residual(model, residual).float().log_softmax(-1)
             targets, valid = _right_pad(model, [choices[i][j][1:] for i, j in part])
             token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid
             for row, (i, j) in enumerate(part):
@@ -476,7 +462,7 @@ def _pad_rows(
 
 
 def _select_rows(cache: TransformerLensKeyValueCache, rows: Tensor) -> TransformerLensKeyValueCache:
-    """Return a new cache that holds the given batch rows of ``cache`` (a row may repeat)."""
+    """Return a new cache that contains the given batch rows of ``cache`` (a row may repeat)."""
     entries = [
         TransformerLensKeyValueCacheEntry(entry.past_keys[rows], entry.past_values[rows]) for entry in cache.entries
     ]

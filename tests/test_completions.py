@@ -155,6 +155,8 @@ def test_choice_logprobs_rejects_bad_input(model):
         choice_logprobs(model, PROMPTS, CHOICES, batch_size=0)
     with pytest.raises(ValueError, match="longer than the model's context"):
         choice_logprobs(model, ["the symbol of gold is " * 40], [[" Au"]])
+    with pytest.raises(TypeError, match="hook function"):
+        position_wise(None)  # type: ignore[arg-type]
     empty = choice_logprobs(model, [], [])
     assert empty.logprobs == []
     assert len(empty.first_vocab_rank) == 0

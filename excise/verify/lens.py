@@ -12,7 +12,7 @@ after block ``L`` (``blocks.L.hook_resid_post``), so the last one decodes to the
 The tuned lens (Belrose et al., 2023, "Eliciting Latent Predictions from Transformers with the Tuned Lens")
 first maps each stream through an affine translator trained so that the decoded stream matches the model's own
 final next-token distribution on generic text (:func:`fit_tuned_lens`). Middle layers decode poorly through the
-final unembedding alone, so the logit lens can miss an answer that a stream still carries; the tuned lens is the
+final unembedding alone, so the logit lens can miss a target that a stream still encodes; the tuned lens is the
 stronger reader. Pass a fitted lens to :func:`logit_lens`.
 
 Warning:
@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from excise.completions import make_batch, make_text_batch, tokenize_completion
+from excise.completions import make_batch, make_text_batch, tokenize_completion, unembed_residual
 from excise.data.facts import Fact
 
 
@@ -78,19 +78,18 @@ def decode_residual(model: HookedTransformer, residual: Float[Tensor, "... d_mod
     """Apply the model's final normalization and unembedding to residual-stream vectors."""
     shape = residual.shape
     flat = residual.reshape(-1, 1, shape[-1]).to(model.cfg.device, model.cfg.dtype)
-    normalized = model.ln_final(flat) if hasattr(model, "ln_final") else flat
-    logits = model.unembed(normalized)
+    logits = unembed_residual(model, flat)
     return logits.reshape(*shape[:-1], logits.shape[-1]).float().cpu()
 
 
 @dataclasses.dataclass(frozen=True)
 class TunedLensSettings:
-    """How a tuned lens is fitted.
+    """Settings for fitting a tuned lens.
 
     Attributes:
         n_texts: Generic texts read (the first ones).
         max_tokens: Tokens kept per text. The first token of each text is left out: it is where many models park
-            an attention sink, and predicting from it says little.
+            an attention sink, so its next-token prediction is uninformative.
         steps: Adam steps. Every step decodes ``batch_tokens`` positions through the full vocabulary once per
             stream, so on a 135M-parameter model each step costs about as much as a forward pass over
             ``n_streams * batch_tokens`` tokens.
@@ -178,7 +177,7 @@ def fit_tuned_lens(
     order = list(range(n))
     random.Random(settings.seed).shuffle(order)
     n_held = max(1, round(settings.held_out * n))
-    held, train = order[:n_held], order[n_held:] or order[:n_held]
+    held_out, train = order[:n_held], order[n_held:] or order[:n_held]
 
     n_streams, d_model = residuals.shape[0], residuals.shape[2]
     weights = torch.zeros(n_streams - 1, d_model, d_model, requires_grad=True)
@@ -189,17 +188,19 @@ def fit_tuned_lens(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     try:
-        before = _lens_kl(model, residuals[:, held], None, None)
+        with torch.no_grad():
+            before = _lens_kl(model, residuals[:, held_out], None, None, range(n_streams))
+        # The last stream decodes to the model's own logits, so only the others are trained.
+        trained = range(n_streams - 1)
         for _ in tqdm(range(settings.steps), desc="tuned lens", leave=False):
             index = torch.tensor(generator.sample(train, min(settings.batch_tokens, len(train))))
-            batch = residuals[:, index]
             with torch.enable_grad():
-                loss = torch.stack(_lens_kl(model, batch, weights, biases, reduce=False)[:-1]).mean()
+                loss = torch.stack(_lens_kl(model, residuals[:, index], weights, biases, trained)).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
         with torch.no_grad():
-            after = _lens_kl(model, residuals[:, held], weights, biases)
+            after = _lens_kl(model, residuals[:, held_out], weights, biases, range(n_streams))
     finally:
         for parameter, flag in zip(model.parameters(), flags, strict=True):
             parameter.requires_grad_(flag)
@@ -218,26 +219,27 @@ def _lens_kl(
     residuals: Float[Tensor, "layer n d_model"],
     weights: Tensor | None,
     biases: Tensor | None,
-    *,
-    reduce: bool = True,
+    streams: Sequence[int],
 ) -> list[Tensor]:
-    """Per stream, the mean KL from the last stream's decoded distribution to this stream's (translated) one."""
-    device, dtype = model.cfg.device, model.cfg.dtype
-    target = _decode(model, residuals[-1].to(device, dtype)).log_softmax(-1).detach()
+    """Return, per stream in ``streams``, the mean KL divergence from the decoded last stream to that stream.
+
+    With ``weights`` and ``biases`` each stream goes through its translator first; without them this is the
+    logit lens.
+    """
+    target = _decode_rows(model, residuals[-1]).log_softmax(-1).detach()
     values = []
-    for layer in range(residuals.shape[0]):
-        stream = residuals[layer].to(device, dtype)
+    for layer in streams:
+        stream = residuals[layer].to(model.cfg.device, model.cfg.dtype)
         if weights is not None and biases is not None and layer < weights.shape[0]:
-            stream = stream + stream @ weights[layer].to(device, dtype) + biases[layer].to(device, dtype)
-        log_q = _decode(model, stream).log_softmax(-1)
-        kl = (target.exp() * (target - log_q)).sum(-1).mean()
-        values.append(kl if not reduce else kl.detach().cpu())
+            stream = stream + stream @ weights[layer].to(stream) + biases[layer].to(stream)
+        log_q = _decode_rows(model, stream).log_softmax(-1)
+        values.append((target.exp() * (target - log_q)).sum(-1).mean())
     return values
 
 
-def _decode(model: HookedTransformer, residual: Tensor) -> Tensor:
-    normalized = model.ln_final(residual.unsqueeze(1)) if hasattr(model, "ln_final") else residual.unsqueeze(1)
-    return model.unembed(normalized).squeeze(1).float()
+def _decode_rows(model: HookedTransformer, rows: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+    rows = rows.to(model.cfg.device, model.cfg.dtype).unsqueeze(1)
+    return unembed_residual(model, rows).squeeze(1).float()
 
 
 @dataclasses.dataclass(frozen=True)
