@@ -3,8 +3,8 @@
 ``--model organism`` (the default): the planted organism (:func:`excise.models.load_organism` with
 ``variant="planted"``) keeps its forget topic in known MLP neurons and has a twin that never saw the topic, so each
 attack can be compared with a model that never knew the facts. ``--model default``: SmolLM2-135M-Instruct on the
-bundled chemistry domain, cut to the facts it knows; there is no twin, so residuals are measured against chance.
-Every edit kind of :mod:`excise.edit` is applied and attacked by the verify suite with the ``quick`` budget
+bundled chemistry domain, cut to the facts it ranks correctly. There is no twin, so residuals are measured against
+chance. Every edit kind of :mod:`excise.edit` is applied and attacked by the verify suite with the ``quick`` budget
 (:func:`excise.verify.suite.run_suite`). The original's (and twin's) results are measured once and reused for every
 edit kind.
 
@@ -159,7 +159,7 @@ def main() -> int:
 
 def _organism_subject(seed: int) -> Subject:
     organism = load_organism(seed, "planted")
-    # The organism knows no words outside its corpora, so its retain corpus is the generic text.
+    # The organism's vocabulary covers only its corpora, so its retain corpus serves as generic text.
     return Subject(
         "organism", organism.model, organism.twin, organism.domain, list(organism.domain.retain_corpus), organism
     )
@@ -208,10 +208,6 @@ def _default_edit_kinds(
     unknown = [edit.RewriteRequest(fact, None) for fact in suite_forget]
     rome_layer = edit.default_layer(model)
 
-    def rome() -> edit.Edit:
-        second_moment = edit.key_second_moment(model, [rome_layer])[rome_layer]
-        return _rome_sequence(model, unknown, rome_layer, second_moment)
-
     def unlearn(method: str) -> Candidate:
         settings = edit.UNLEARN_DEFAULTS[method]  # type: ignore[index]
         label = (
@@ -226,25 +222,19 @@ def _default_edit_kinds(
         return edit.sae_feature_edit(model, trained.sae, [site.index for site in scores.top(64)])  # type: ignore[attr-defined]
 
     return [
-        EditKind("zero ablation, located neurons", "locate half", "weights", [
-            Candidate(f"top {k} by attribution patching, forget - 2 x abs(retain), massive-activation neurons left out",
-                      lambda: edit.ablate(model, located())),
-        ]),
-        EditKind("mean ablation, located neurons", "locate half", "weights", [
-            Candidate(f"same {k} neurons, mean over bundled generic text",
-                      lambda: edit.ablate(model, located(), "mean", reference=reference)),
-        ]),
-        EditKind("resample ablation, located neurons", "locate half", "hooks", [
-            Candidate(f"same {k} neurons, resampled from bundled generic text",
-                      lambda: edit.ablate(model, located(), "resample", reference=reference)),
-        ]),
+        *_ablation_kinds(
+            model, located, reference, "located neurons", "locate half",
+            f"top {k} by attribution patching, forget - 2 x abs(retain), massive-activation neurons left out",
+            f"same {k} neurons", "bundled generic text",
+        ),
         EditKind("direction removal", "locate half", "weights", [
             Candidate(f"forget minus retain prompts at `{hook}`, last token, all writes",
                       lambda: edit.remove_direction(
                           model, edit.mean_difference_direction(model, hook, forget_prompts, retain_prompts))),
         ]),
         EditKind("ROME", "suite forget facts", "weights", [
-            Candidate(f"make unknown, one ROME edit per fact applied in turn, layer {rome_layer}", rome),
+            Candidate(f"make unknown, one ROME edit per fact applied in turn, layer {rome_layer}",
+                      lambda: edit.rome_in_turn(model, unknown, rome_layer)),
         ]),
         EditKind("MEMIT", "suite forget facts", "weights", [
             Candidate(f"make unknown, layers {edit.default_layers(model)}, library defaults",
@@ -307,7 +297,9 @@ def _edit_kinds(organism: Organism, locate: Domain, verify: Domain, k: int) -> l
     def rome(requests: list[edit.RewriteRequest], request_kind: str) -> Candidate:
         return Candidate(
             f"{request_kind}, one ROME edit per fact applied in turn, layer {rome_layer}",
-            lambda: _rome_sequence(model, requests, rome_layer, second_moments([rome_layer])[rome_layer]),
+            lambda: edit.rome_in_turn(
+                model, requests, rome_layer, second_moment=second_moments([rome_layer])[rome_layer]
+            ),
         )
 
     def unlearn(method: str, steps: int, lr: float, **extra: object) -> Candidate:
@@ -329,34 +321,14 @@ def _edit_kinds(organism: Organism, locate: Domain, verify: Domain, k: int) -> l
         return Candidate(f"SAE on `{hook}`, top {n_features} features zeroed", build)
 
     return [
-        EditKind("zero ablation, planted neurons", "none (known sites)", "weights", [
-            Candidate(f"{len(planted)} planted neurons set to 0", lambda: edit.ablate(model, planted)),
-        ]),
-        EditKind("mean ablation, planted neurons", "none (known sites)", "weights", [
-            Candidate(
-                f"{len(planted)} planted neurons set to their mean over the retain corpus",
-                lambda: edit.ablate(model, planted, "mean", reference=reference),
-            ),
-        ]),
-        EditKind("resample ablation, planted neurons", "none (known sites)", "hooks", [
-            Candidate(
-                f"{len(planted)} planted neurons resampled from retain-corpus tokens",
-                lambda: edit.ablate(model, planted, "resample", reference=reference),
-            ),
-        ]),
-        EditKind("zero ablation, located neurons", "locate half", "weights", [
-            Candidate(
-                f"top {k} by attribution patching, forget - 2 x abs(retain)", lambda: edit.ablate(model, located())
-            ),
-        ]),
-        EditKind("mean ablation, located neurons", "locate half", "weights", [
-            Candidate(f"same {k} neurons, mean over the retain corpus",
-                      lambda: edit.ablate(model, located(), "mean", reference=reference)),
-        ]),
-        EditKind("resample ablation, located neurons", "locate half", "hooks", [
-            Candidate(f"same {k} neurons, resampled from retain-corpus tokens",
-                      lambda: edit.ablate(model, located(), "resample", reference=reference)),
-        ]),
+        *_ablation_kinds(
+            model, lambda: planted, reference, "planted neurons", "none (known sites)",
+            f"{len(planted)} planted neurons set to 0", f"{len(planted)} planted neurons", "the retain corpus",
+        ),
+        *_ablation_kinds(
+            model, located, reference, "located neurons", "locate half",
+            f"top {k} by attribution patching, forget - 2 x abs(retain)", f"same {k} neurons", "the retain corpus",
+        ),
         EditKind("direction removal", "locate half", "weights", [
             direction(layer, position, scale)
             for layer in range(model.cfg.n_layers)
@@ -385,6 +357,32 @@ def _edit_kinds(organism: Organism, locate: Domain, verify: Domain, k: int) -> l
             sae(hook, n)
             for hook in ("blocks.0.hook_mlp_out", "blocks.1.hook_resid_post")
             for n in (64, 256)
+        ]),
+    ]  # fmt: skip
+
+
+def _ablation_kinds(
+    model: HookedTransformer,
+    sites: Callable[[], list],
+    reference: Sequence[str],
+    neurons: str,
+    fitted_on: str,
+    zero_label: str,
+    same_neurons: str,
+    source: str,
+) -> list[EditKind]:
+    """Return zero, mean and resample ablation of the same neurons as three edit kinds (resample runs as hooks)."""
+    return [
+        EditKind(f"zero ablation, {neurons}", fitted_on, "weights", [
+            Candidate(zero_label, lambda: edit.ablate(model, sites())),
+        ]),
+        EditKind(f"mean ablation, {neurons}", fitted_on, "weights", [
+            Candidate(f"{same_neurons}, mean over {source}",
+                      lambda: edit.ablate(model, sites(), "mean", reference=reference)),
+        ]),
+        EditKind(f"resample ablation, {neurons}", fitted_on, "hooks", [
+            Candidate(f"{same_neurons}, resampled from tokens of {source}",
+                      lambda: edit.ablate(model, sites(), "resample", reference=reference)),
         ]),
     ]  # fmt: skip
 
@@ -469,19 +467,6 @@ def _run_kind(
         outcome.error = f"suite failed: {type(error).__name__}: {error}"
     outcome.suite_seconds = time.perf_counter() - start
     return outcome
-
-
-def _rome_sequence(
-    model: HookedTransformer, requests: Sequence[edit.RewriteRequest], layer: int, second_moment: torch.Tensor
-) -> edit.Edit:
-    """Build one ROME edit per request, each computed on the model with the previous ones applied."""
-    edits: list[edit.Edit] = []
-    current = model
-    for request in requests:
-        step = edit.rome(current, request, layer, second_moment=second_moment)
-        edits.append(step)
-        current = step.apply(current)
-    return edit.EditSequence(tuple(edits))
 
 
 def _new_target(fact: Fact) -> str:

@@ -160,16 +160,6 @@ def _edits(model, study, k):
             state["sites"] = attribution_patching(model, study, kind="neuron").cautious(2.0).top(k, exclude=massive)
         return state["sites"]
 
-    def rome_in_turn():
-        layer = edit.default_layer(model)
-        second_moment = edit.key_second_moment(model, [layer])[layer]
-        edits, current = [], model
-        for fact in study.forget:
-            step = edit.rome(current, edit.RewriteRequest(fact, None), layer, second_moment=second_moment)
-            edits.append(step)
-            current = step.apply(current)
-        return edit.EditSequence(tuple(edits))
-
     def sae_features():
         sae = train_sae(model, SAE_HOOK, texts=generic_corpus(n_texts=3000), settings=SAE_SETTINGS)
         scores = attribution_patching(model, study, kind="sae_feature", sae=sae, positions="last").cautious()
@@ -197,7 +187,10 @@ def _edits(model, study, k):
                 ),
             ),
         ),
-        ("ROME make-unknown, one edit per forget fact applied in turn", rome_in_turn),
+        (
+            "ROME make-unknown, one edit per forget fact applied in turn",
+            lambda: edit.rome_in_turn(model, forget_requests),
+        ),
         ("MEMIT make-unknown, all forget facts", lambda: edit.memit(model, forget_requests)),
         ("MEMIT rewrite to a distractor, all forget facts", lambda: edit.memit(model, rewrite_requests)),
         ("gradient ascent (defaults)", lambda: edit.gradient_ascent(model, study)),

@@ -19,6 +19,7 @@ from excise.edit import (
     rank_one_update,
     rewrite_scores,
     rome,
+    rome_in_turn,
     subject_keys,
     subject_position,
 )
@@ -76,6 +77,27 @@ def test_rome_rewrites_fact(arch):
         assert torch.equal(tensor, before[name]), f"rome changed the caller's {name}"
     assert edit.describe()["parameter"].tolist() == [f"blocks.{layer}.mlp.W_out"]
     assert edit.describe()["rank"].tolist() == [1]
+
+
+def test_rome_in_turn_rewrites_each_fact():
+    model = trained_model("llama_like")
+    facts = subject_final_facts()[:2]
+    requests = [RewriteRequest(facts[0], " Ne"), RewriteRequest(facts[1], " Ne")]
+    layer = 1
+    stats = _stats(model, [layer])
+    before = state_copy(model)
+    sequence = rome_in_turn(model, requests, layer, second_moment=stats[layer], prefixes=PREFIXES, **LOOSE)
+    edited = sequence.apply(model)
+    assert len(sequence.edits) == 2
+    for fact in facts:
+        old, new = completion_logprobs(edited, [fact.prompt] * 2, [fact.target, " Ne"]).tolist()
+        assert new > old, f"{fact.id} was not rewritten"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"rome_in_turn changed the caller's {name}"
+    with pytest.raises(ValueError, match="at least one"):
+        rome_in_turn(model, [], layer, second_moment=stats[layer])
+    with pytest.raises(ValueError, match="out of range"):
+        rome_in_turn(model, requests, 99, second_moment=stats[layer])
 
 
 def test_rank_one_update_is_exact_for_the_key():

@@ -24,7 +24,7 @@ from excise.edit.rewrite import (
     subject_keys,
     subject_position,
 )
-from excise.edit.rome import default_layer, rank_one_update, rome
+from excise.edit.rome import default_layer, rank_one_update, rome, rome_in_turn
 from excise.edit.sae_features import (
     FeatureSlice,
     SAEFeatureEdit,
@@ -88,6 +88,7 @@ __all__ = [
     "rewrite_scores",
     "rmu",
     "rome",
+    "rome_in_turn",
     "sae_feature_edit",
     "subject_keys",
     "subject_position",

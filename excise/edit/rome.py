@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -44,6 +45,7 @@ from excise.edit.rewrite import (
     optimize_delta,
     subject_keys,
 )
+from excise.edit.sequence import EditSequence
 from excise.edit.weights import WeightDelta
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,49 @@ def rome(
         info=info,
         signature=model_signature(model),
     )
+
+
+def rome_in_turn(
+    model: HookedTransformer,
+    requests: Sequence[RewriteRequest],
+    layer: int | None = None,
+    *,
+    second_moment: Tensor | None = None,
+    corpus: Sequence[str] | None = None,
+    **options: Any,
+) -> EditSequence:
+    """Compute one ROME edit per request, each on the model with the previous edits applied.
+
+    ROME changes one fact per edit; applied in turn, later edits see the weights the earlier ones left, as in
+    sequential model editing. For many facts at once, :func:`excise.edit.memit` spreads the change over several
+    layers instead. The model is not changed.
+
+    Args:
+        model: The model to edit.
+        requests: The facts and their new targets, in the order they are applied.
+        layer: MLP layer to edit; default :func:`default_layer`.
+        second_moment: ``E[k k^T]`` of the layer's keys on the unedited model, used for every edit; default
+            computed (or read from the cache) on ``corpus``.
+        corpus: Generic texts for the key statistics when ``second_moment`` is None.
+        options: Further keyword arguments of :func:`rome` (``prefixes``, ``settings``, the guard limits).
+
+    Raises:
+        EditRejectedError: One of the updates would blow up; no edit is returned.
+    """
+    if not requests:
+        raise ValueError("rome_in_turn needs at least one RewriteRequest")
+    layer = default_layer(model) if layer is None else layer
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer {layer} is out of range; the model has {model.cfg.n_layers} layers")
+    if second_moment is None:
+        second_moment = key_second_moment(model, [layer], corpus)[layer]
+    edits = []
+    current = model
+    for request in requests:
+        step = rome(current, request, layer, second_moment=second_moment, **options)
+        edits.append(step)
+        current = step.apply(current)
+    return EditSequence(tuple(edits))
 
 
 def rank_one_update(
